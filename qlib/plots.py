@@ -1,0 +1,145 @@
+"""Figures and interactive explorers used by the chapters.
+
+Every drawing function takes data and returns the matplotlib figure plus the numbers it
+shows, so a test can check the numbers and a notebook can show the picture. The
+explorers wrap a drawing function in ipywidgets sliders; in the static book they show
+their initial state.
+"""
+
+from __future__ import annotations
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ._checks import check_bits, check_choice, check_float, check_float_array
+from .affine import SCHEMES, as_float64_numpy, fake_quantize, qparams_from_range, qparams_from_tensor, sqnr_db
+
+BOOK_STYLE = {
+    # Opaque white backgrounds, so figures stay readable on the book's dark theme.
+    "figure.facecolor": "white",
+    "axes.facecolor": "white",
+    "savefig.facecolor": "white",
+    "savefig.transparent": False,
+    "figure.dpi": 100,
+    "figure.figsize": (7.0, 3.2),
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+}
+
+
+def use_book_style() -> None:
+    """Apply the book's matplotlib style (opaque backgrounds, light grid)."""
+    mpl.rcParams.update(BOOK_STYLE)
+
+
+def draw_quantization(x, bits: int = 4, clip: float | None = None, scheme: str = "symmetric",
+                      signed: bool = True, ax=None, bins: int = 120):
+    """Histogram of ``x`` with the quantization grid for a clipping range ``[-clip, clip]``.
+
+    ``clip=None`` uses the min-max range of ``x``. Returns ``(figure, stats)`` where
+    ``stats`` holds the scale, the clipping range, the MSE, the SQNR in dB and the share
+    of values that fall outside the grid (clipped).
+    """
+    check_float_array(x, "x", allow_empty=False)
+    bits = check_bits(bits)
+    check_choice(scheme, "scheme", SCHEMES)
+    values = as_float64_numpy(x).ravel()
+    if clip is None:
+        qp = qparams_from_tensor(values, bits, scheme, signed)
+    else:
+        clip = check_float(clip, "clip", 0.0, low_open=True)
+        qp = qparams_from_range(-clip, clip, bits, scheme, signed)
+    lo, hi = (float(v) for v in qp.real_range)
+    xq = fake_quantize(values, qp)
+    stats = {"scale": float(qp.scale), "lo": lo, "hi": hi, "mse": float(np.mean((xq - values) ** 2)),
+             "sqnr_db": sqnr_db(values, xq), "clipped": float(np.mean((values < lo) | (values > hi)))}
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
+    ax.hist(values, bins=bins, color="#4c72b0", alpha=0.75, label="values")
+    levels = qp.levels()
+    for level in levels if len(levels) <= 64 else levels[:: len(levels) // 32]:
+        ax.axvline(level, color="#dd8452", lw=0.8, alpha=0.8)
+    if values.min() < lo:  # shade what the grid clips
+        ax.axvspan(values.min(), lo, color="#c44e52", alpha=0.12)
+    if values.max() > hi:
+        ax.axvspan(hi, values.max(), color="#c44e52", alpha=0.12)
+    ax.set_xlabel("value")
+    ax.set_ylabel("count")
+    ax.set_title(f"{bits}-bit {scheme} grid, S = {stats['scale']:.3g}: MSE {stats['mse']:.2e}, "
+                 f"SQNR {stats['sqnr_db']:.1f} dB, clipped {100 * stats['clipped']:.2f} %", fontsize=9)
+    return fig, stats
+
+
+def quantization_explorer(x, bits: int = 4, scheme: str = "symmetric"):
+    """Sliders for the bit width and the clipping range over :func:`draw_quantization`."""
+    import ipywidgets as widgets
+
+    values = as_float64_numpy(check_float_array(x, "x", allow_empty=False)).ravel()
+    amax = float(np.abs(values).max()) or 1.0
+
+    def show(bits, clip_fraction, scheme):
+        fig, _ = draw_quantization(values, bits, clip_fraction * amax, scheme, signed=True)
+        plt.show()
+
+    return widgets.interactive(
+        show,
+        bits=widgets.IntSlider(value=check_bits(bits), min=2, max=8, description="bits"),
+        clip_fraction=widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="clip / max|x|",
+                                          style={"description_width": "initial"}),
+        scheme=widgets.Dropdown(options=list(SCHEMES), value=check_choice(scheme, "scheme", SCHEMES),
+                                description="scheme"),
+    )
+
+
+def draw_channel_ranges(weight, bits: int = 4, name: str = "", ax=None):
+    """Per-output-channel weight ranges and the SQNR of per-tensor vs per-channel quantization.
+
+    Returns ``(figure, stats)`` with both SQNRs (dB) and the ratio of the largest to the
+    smallest channel range.
+    """
+    check_float_array(weight, "weight", allow_empty=False)
+    bits = check_bits(bits)
+    w = as_float64_numpy(weight)
+    flat = w.reshape(w.shape[0], -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    amax = np.maximum(-lo, hi)
+    per_tensor = fake_quantize(w, qparams_from_tensor(w, bits, "symmetric", True))
+    per_channel = fake_quantize(w, qparams_from_tensor(w, bits, "symmetric", True, axis=0))
+    stats = {"sqnr_per_tensor_db": sqnr_db(w, per_tensor), "sqnr_per_channel_db": sqnr_db(w, per_channel),
+             "range_ratio": float(amax.max() / max(amax.min(), 1e-12))}
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
+    order = np.argsort(amax)
+    channels = np.arange(len(amax))
+    ax.vlines(channels, lo[order], hi[order], color="#4c72b0", lw=2, label="channel range")
+    tensor_step = float(qparams_from_tensor(w, bits, "symmetric", True).scale)
+    ax.axhline(tensor_step / 2, color="#c44e52", ls="--", lw=1,
+               label=f"half a per-tensor step ({bits} bits)")
+    ax.axhline(-tensor_step / 2, color="#c44e52", ls="--", lw=1)
+    ax.set_xlabel("output channel (sorted by range)")
+    ax.set_ylabel("weight value")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{name} {bits}-bit: SQNR per-tensor {stats['sqnr_per_tensor_db']:.1f} dB, "
+                 f"per-channel {stats['sqnr_per_channel_db']:.1f} dB; max/min range "
+                 f"{stats['range_ratio']:.0f}x", fontsize=9)
+    return fig, stats
+
+
+def granularity_explorer(weights: dict, bits: int = 4):
+    """A layer menu and a bit-width slider over :func:`draw_channel_ranges`."""
+    import ipywidgets as widgets
+
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError("weights must be a non-empty dict of layer name -> weight tensor")
+
+    def show(layer, bits):
+        draw_channel_ranges(weights[layer], bits, layer)
+        plt.show()
+
+    return widgets.interactive(
+        show,
+        layer=widgets.Dropdown(options=list(weights), description="layer"),
+        bits=widgets.IntSlider(value=check_bits(bits), min=2, max=8, description="bits"),
+    )
