@@ -35,11 +35,11 @@ $(SETUP_DONE): requirements.txt pyproject.toml
 
 # Offline web assets from pinned npm packages (package-lock.json): MathJax 3, require.js and the
 # ipywidgets HTML manager, staged for Sphinx's html_extra_path.
-$(WEB_DONE): $(WEB)/package.json $(WEB)/package-lock.json
+$(WEB_DONE): $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/widgets-config.js
 	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
 	rm -rf $(WEB)/site && mkdir -p $(WEB)/site/assets/html-manager
 	cp -r $(WEB)/node_modules/mathjax/es5 $(WEB)/site/assets/mathjax
-	cp $(WEB)/node_modules/requirejs/require.js $(WEB)/site/assets/require.js
+	cp $(WEB)/node_modules/requirejs/require.js $(WEB)/widgets-config.js $(WEB)/site/assets/
 	cd $(WEB)/node_modules/@jupyter-widgets/html-manager/dist && \
 	  cp embed-amd.js *.woff *.woff2 *.ttf *.eot *.svg $(CURDIR)/$(WEB)/site/assets/html-manager/
 	touch $@

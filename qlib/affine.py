@@ -119,7 +119,7 @@ class QuantParams:
 
     @property
     def real_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """The real values of the lowest and highest codes: what the grid can represent."""
+        """The real values of the lowest and highest codes, i.e. the range the grid covers."""
         return (self.scale * (self.qmin - self.zero_point), self.scale * (self.qmax - self.zero_point))
 
     def levels(self) -> np.ndarray:
@@ -179,8 +179,8 @@ def qparams_from_range(rmin, rmax, bits: int = 8, scheme: str = "asymmetric", si
         The real range; 1-d arrays (one entry per channel) when ``axis`` is given.
     bits : int
         Code width, 2 to 16.
-    scheme : {"asymmetric", "symmetric"}
-        See the module docstring for the formulas.
+    scheme : str
+        ``"asymmetric"`` or ``"symmetric"``; see the module docstring for the formulas.
     signed : bool
         Signed (``int``) or unsigned (``uint``) codes.
     narrow_range : bool

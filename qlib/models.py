@@ -129,6 +129,7 @@ def resnet20(num_classes: int = 10) -> ResNetCifar:
     return ResNetCifar(3, num_classes)
 
 
+#: The running-example networks by name, for :func:`build_model` and :func:`qlib.train.pretrained`.
 MODELS = {"mnist_cnn": MnistCNN, "mnist1d_cnn": Mnist1DCNN, "resnet20": resnet20}
 
 

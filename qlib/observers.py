@@ -6,16 +6,12 @@ quantization grid should cover. Turning that range into a scale and zero-point i
 :func:`qlib.affine.qparams_from_range`'s job, as ``torch.ao.quantization`` separates
 observers from fake-quantize modules.
 
-=========================  ====================================================
-observer                   the range it proposes
-=========================  ====================================================
-:class:`MinMaxObserver`    the smallest and largest value ever seen
-:class:`MovingAverageObserver`  an exponential moving average (EMA) of per-batch
-                           min and max (Jacob et al. 2018, sec. 3.1)
-:class:`PercentileObserver`  the ``(100 - p)``-th and ``p``-th percentiles
-:class:`MSEObserver`       the range ``alpha * [min, max]`` whose grid gives the
-                           smallest mean squared quantization error
-=========================  ====================================================
+* :class:`MinMaxObserver`: the smallest and largest value ever seen;
+* :class:`MovingAverageObserver`: an exponential moving average (EMA) of per-batch min and
+  max (Jacob et al. 2018, sec. 3.1);
+* :class:`PercentileObserver`: the ``(100 - p)``-th and ``p``-th percentiles;
+* :class:`MSEObserver`: the range ``alpha * [min, max]`` whose grid gives the smallest mean
+  squared quantization error.
 
 Helpers apply observers and quantizers to a trained model without changing its code:
 :func:`observe_outputs`, :func:`fake_quantize_outputs` (static or dynamic activation
@@ -241,6 +237,30 @@ def observe_outputs(model: nn.Module, observers: Mapping[str, Observer]):
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, names, batches, make_observer: Callable[[], Observer]) -> dict[str, Observer]:
+    """Run calibration ``batches`` through ``model`` (eval mode) with a fresh observer on each named output.
+
+    ``batches`` yields input tensors (or ``(x, y)`` pairs, whose labels are ignored).
+    """
+    observers = {name: make_observer() for name in names}
+    was_training = model.training
+    model.eval()
+    try:
+        with observe_outputs(model, observers):
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        model.train(was_training)
+    if any(not _has_data(o) for o in observers.values()):
+        raise ValueError("batches was empty: the observers saw no data")
+    return observers
+
+
+def _has_data(observer: Observer) -> bool:
+    return observer.seen if isinstance(observer, _RangeObserver) else observer._count > 0
 
 
 @torch.no_grad()

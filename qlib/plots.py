@@ -31,6 +31,18 @@ BOOK_STYLE = {
 }
 
 
+def publish(key: str, value) -> None:
+    """Make a value computed in a chapter available to its prose as ``{glue:text}`key```.
+
+    numpy scalars become plain Python numbers, so that format specs such as ``:.1f`` apply.
+    """
+    from myst_nb import glue
+
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    glue(key, value, display=False)
+
+
 def use_book_style() -> None:
     """Apply the book's matplotlib style (opaque backgrounds, light grid)."""
     mpl.rcParams.update(BOOK_STYLE)

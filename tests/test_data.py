@@ -1,0 +1,129 @@
+"""Data sets: fixed splits, standardisation, and the CIFAR-10 loader on a fixture written here."""
+
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from qlib import data
+
+
+def test_mnist5k_split_is_fixed_stratified_and_disjoint():
+    d = data.load_mnist5k()
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert torch.bincount(d.y_test).tolist() == [100] * 10
+    assert torch.bincount(d.y_train).tolist() == [400] * 10
+    again = data.load_mnist5k()
+    assert torch.equal(d.x_test, again.x_test)
+    # no image is in both splits
+    train_rows = {r.tobytes() for r in d.x_train.reshape(4000, -1).numpy()}
+    assert not any(r.tobytes() in train_rows for r in d.x_test.reshape(1000, -1).numpy())
+    # standardised with the training statistics
+    assert abs(d.x_train.mean().item()) < 1e-5 and abs(d.x_train.std().item() - 1) < 1e-4
+
+
+def test_digits_split():
+    d = data.load_digits()
+    assert d.x_train.shape[1:] == (1, 8, 8)
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert abs(len(d.x_test) - 0.2 * 1797) < 10
+
+
+def test_mnist1d_default_and_configurable_test_size():
+    d = data.load_mnist1d()
+    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40)
+    big = data.load_mnist1d(n_train=400, n_test=3000)
+    assert big.x_train.shape == (400, 1, 40) and big.x_test.shape == (3000, 1, 40)
+    assert set(big.y_test.tolist()) == set(range(10))
+
+
+def test_mnist1d_leaves_global_random_state_alone():
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    data.load_mnist1d(n_train=100, n_test=100)
+    assert np.random.rand() == expected
+
+
+def test_batches_cover_everything_once():
+    d = data.load_digits()
+    seen = torch.cat([y for _, y in d.train_batches(100, torch.Generator().manual_seed(0))])
+    assert torch.equal(seen.sort().values, d.y_train.sort().values)
+    sizes = [len(x) for x, _ in d.test_batches(100)]
+    assert sum(sizes) == len(d.x_test) and sizes[0] == 100
+
+
+def write_cifar_fixture(root, records_per_file=7, seed=0):
+    """A tiny CIFAR-10 in the real binary format: a .tar.gz with the six batch files."""
+    rng = np.random.default_rng(seed)
+    names = list(data.CIFAR10_TRAIN_FILES + data.CIFAR10_TEST_FILES)
+    contents = {}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in names:
+            labels = rng.integers(0, 10, records_per_file, dtype=np.uint8)
+            pixels = rng.integers(0, 256, (records_per_file, 3072), dtype=np.uint8)
+            blob = np.concatenate([labels[:, None], pixels], axis=1).tobytes()
+            contents[name] = (labels, pixels)
+            info = tarfile.TarInfo(f"{data.CIFAR10_DIR}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    archive = root / "fixture.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    return archive, hashlib.md5(buffer.getvalue()).hexdigest(), contents
+
+
+def test_cifar10_not_downloaded_without_permission(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Pass download=True"):
+        data.load_cifar10(tmp_path / "nowhere")
+
+
+def test_cifar10_download_checksum_and_parse(tmp_path):
+    archive, md5, contents = write_cifar_fixture(tmp_path)
+    root = tmp_path / "cifar"
+    d = data.load_cifar10(root, download=True, url=archive.as_uri(), md5=md5)
+    assert d.x_train.shape == (35, 3, 32, 32) and d.x_test.shape == (7, 3, 32, 32)
+    labels, pixels = contents["test_batch.bin"]
+    assert d.y_test.tolist() == labels.tolist()
+    # undo the per-channel standardisation: the pixels come back exactly
+    restored = torch.round((d.x_test * d.std + d.mean) * 255).to(torch.int64)
+    assert torch.equal(restored.reshape(7, -1), torch.from_numpy(pixels.astype(np.int64)))
+    # a second load reads the extracted files without downloading
+    assert torch.equal(data.load_cifar10(root).x_test, d.x_test)
+
+
+def test_cifar10_checksum_mismatch(tmp_path):
+    archive, _, _ = write_cifar_fixture(tmp_path)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        data.load_cifar10(tmp_path / "cifar", download=True, url=archive.as_uri(), md5="0" * 32)
+    assert not (tmp_path / "cifar" / "cifar-10-binary.tar.gz").exists()
+
+
+def test_cifar10_corrupt_file(tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a CIFAR-10 binary batch"):
+        data.read_cifar10_file(bad)
+
+
+def test_random_crop_flip_keeps_content():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = data.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(0))
+    for i in range(2):  # with no padding, each image is itself or its mirror image
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    padded = data.random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(1))
+    assert padded.shape == x.shape
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_train and n_test must be multiples of 10"):
+        data.load_mnist1d(n_train=105)
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match="test_per_class must be in"):
+        data.load_mnist5k(test_per_class=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(data.iterate_batches(torch.zeros(2), torch.zeros(2), 0))

@@ -1,0 +1,80 @@
+"""The running-example networks and batch-norm folding."""
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import fold, models
+
+
+@pytest.mark.parametrize("name, shape, params", [
+    ("mnist_cnn", (1, 28, 28), (8_000, 12_000)),
+    ("mnist1d_cnn", (1, 40), (9_000, 14_000)),
+    ("resnet20", (3, 32, 32), (260_000, 280_000)),
+])
+def test_shapes_and_sizes(name, shape, params):
+    model = models.build_model(name)
+    assert model(torch.randn(2, *shape)).shape == (2, 10)
+    assert params[0] <= models.count_parameters(model) <= params[1]
+
+
+def test_resnet20_has_20_weighted_layers_on_the_main_path():
+    model = models.resnet20()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) + len(linears) == 20
+
+
+def test_every_relu_is_a_separate_module():
+    for name in models.MODELS:
+        relus = [m for m in models.build_model(name).modules() if isinstance(m, nn.ReLU)]
+        assert len({id(m) for m in relus}) == len(relus) > 1
+
+
+@pytest.mark.parametrize("name, shape", [("mnist_cnn", (1, 28, 28)), ("mnist1d_cnn", (1, 40)),
+                                         ("resnet20", (3, 32, 32))])
+def test_fold_batchnorm_preserves_outputs(name, shape):
+    torch.manual_seed(0)
+    model = models.build_model(name)
+    model.train()
+    for _ in range(3):  # give the batch norms nontrivial running statistics
+        model(torch.randn(16, *shape) * 2 + 0.5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.uniform_(0.2, 3.0)
+                m.bias.uniform_(-1, 1)
+    model.eval()
+    folded = fold.fold_batchnorm(model)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
+    x = torch.randn(8, *shape)
+    assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())  # original untouched
+
+
+def test_fold_formula_on_one_layer():
+    conv, bn = nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+        bn.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    folded = fold.fold_batchnorm(nn.Sequential(conv, bn))[0]
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert torch.allclose(folded.weight, conv.weight * factor.reshape(-1, 1, 1, 1))
+    assert torch.allclose(folded.bias, bn.bias - bn.running_mean * factor)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="does not follow a convolution"):
+        fold.fold_batchnorm(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fold.fold_batchnorm("resnet")
+    with pytest.raises(ValueError, match="name must be one of"):
+        models.build_model("vgg16")
+    with pytest.raises(ValueError, match="widths needs at least two entries"):
+        models.MnistCNN(widths=(8,))
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        models.Mnist1DCNN(num_classes=1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        models.count_parameters(None)

@@ -1,0 +1,103 @@
+"""Training, evaluation, seeding, checkpoints and the cache of trained networks."""
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import data, models, train
+
+FAST = train.TrainConfig(epochs=6, batch_size=32, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits()
+
+
+def small_cnn():
+    return models.MnistCNN(widths=(8, 16))
+
+
+def test_accuracy_and_mean_std():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    assert train.accuracy(logits, torch.tensor([0, 1, 1, 1])) == 75.0
+    assert train.mean_std([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
+    assert train.mean_std([5.0], 2) == "5.00 ± 0.00"
+
+
+def test_training_learns_and_is_repeatable(digits):
+    train.seed_everything(0)
+    model_a = small_cnn()
+    before = train.evaluate(model_a, digits)
+    history = train.train(model_a, digits, FAST, seed=0, progress=False)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["test_acc"] > max(before, 50.0)
+    train.seed_everything(0)
+    model_b = small_cnn()
+    train.train(model_b, digits, FAST, seed=0, progress=False)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_roundtrip(tmp_path, digits):
+    model = small_cnn()
+    path = train.save_checkpoint(tmp_path / "m.pt", model, test_acc=12.5, note="x")
+    fresh = small_cnn()
+    meta = train.load_checkpoint(path, fresh)
+    assert meta == {"test_acc": 12.5, "note": "x"}
+    for p, q in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_rejects_foreign_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a qlib checkpoint"):
+        train.load_checkpoint(tmp_path / "other.pt", small_cnn())
+    # weights_only=True: a pickle that would run code is refused
+    torch.save({"format": 1, "state_dict": {}, "meta": {"f": print}}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        train.load_checkpoint(tmp_path / "evil.pt", small_cnn())
+
+
+def test_pretrained_trains_once_then_loads(tmp_path, monkeypatch, digits):
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path))
+    config = train.TrainConfig(epochs=1)
+    net, meta = train.pretrained("mnist_cnn", 0, data=digits, config=config, model_kwargs={"widths": [8, 16]},
+                                 progress=False)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached network was trained again")
+
+    monkeypatch.setattr(train, "train", no_training)
+    again, meta2 = train.pretrained("mnist_cnn", 0, data=digits, config=config, model_kwargs={"widths": [8, 16]})
+    assert meta2["key"] == meta["key"] and meta2["test_acc"] == meta["test_acc"]
+    for p, q in zip(net.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(AssertionError, match="trained again"):  # another seed is another key
+        train.pretrained("mnist_cnn", 1, data=digits, config=config, model_kwargs={"widths": [8, 16]})
+
+
+def test_bad_input(digits):
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train.TrainConfig(optimizer="lbfgs")
+    with pytest.raises(TypeError, match="data must be a qlib.data.Dataset"):
+        train.train(small_cnn(), [1, 2], FAST)
+    with pytest.raises(ValueError, match="split must be one of"):
+        train.evaluate(small_cnn(), digits, split="val")
+    with pytest.raises(ValueError, match="model must be one of"):
+        train.pretrained("alexnet")
+    with pytest.raises(ValueError, match="values is empty"):
+        train.mean_std([])
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        train.seed_everything(-1)
+
+
+def test_divergence_is_reported(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        train.train(model, digits, FAST, progress=False)
