@@ -21,8 +21,9 @@ Conventions used throughout qlib:
   With ``narrow_range=True`` the signed codes are ``[-127, 127]`` for 8 bits, so the
   grid is exactly symmetric; the full range ``[-128, 127]`` follows PyTorch and maps
   ``+amax`` to 127.5, which clamps to 127.
-* A range of zero width (an all-zero tensor) gets the scale ``float32 eps``, as in
-  PyTorch: never a division by zero.
+* A scale is never below ``float32 eps`` (about 1.2e-7), as in PyTorch: an all-zero
+  tensor gets that scale instead of a division by zero, and a tensor whose whole range is
+  narrower than about ``eps * 2^bits`` is quantized with that step (mostly to zero).
 
 Everything works on numpy arrays and torch tensors alike; per-channel parameters
 apply along any ``axis``.
@@ -202,12 +203,11 @@ def qparams_from_range(rmin, rmax, bits: int = 8, scheme: str = "asymmetric", si
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
 
     if scheme == "asymmetric":
-        scale = (hi - lo) / (qmax - qmin)
-        scale = np.where(scale > 0, scale, SCALE_EPS).astype(np.float32)
+        scale = np.maximum((hi - lo) / (qmax - qmin), SCALE_EPS).astype(np.float32)
         zero_point = np.clip(np.round(qmin - lo / scale.astype(np.float64)), qmin, qmax)
     else:
         amax = np.maximum(-lo, hi)
-        scale = np.where(amax > 0, amax / ((qmax - qmin) / 2), SCALE_EPS).astype(np.float32)
+        scale = np.maximum(amax / ((qmax - qmin) / 2), SCALE_EPS).astype(np.float32)
         middle = 0 if signed else (qmin + qmax + 1) // 2
         zero_point = np.full(amax.shape, middle)
     return QuantParams(scale, zero_point.astype(np.int32), bits, signed, narrow_range, axis)

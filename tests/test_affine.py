@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qlib import affine
-from qlib.affine import QuantParams, dequantize, fake_quantize, qparams_from_range, qparams_from_tensor, quantize, qrange
+from qlib.affine import (QuantParams, dequantize, fake_quantize, qparams_from_range, qparams_from_tensor, quantize,
+                         qrange)
 
 SCHEME_CHOICES = [("asymmetric", False, False), ("asymmetric", True, False), ("symmetric", True, False),
                   ("symmetric", True, True), ("symmetric", False, False), ("asymmetric", False, True)]
@@ -64,7 +65,8 @@ def test_numpy_and_torch_agree():
         qp = qparams_from_tensor(x, 4, "asymmetric", False, axis=axis)
         assert np.array_equal(quantize(x, qp), quantize(torch.from_numpy(x), qp).numpy())
         assert np.array_equal(fake_quantize(x, qp), fake_quantize(torch.from_numpy(x), qp).numpy())
-        assert np.array_equal(dequantize(quantize(x, qp), qp), dequantize(quantize(torch.from_numpy(x), qp), qp).numpy())
+        from_torch = dequantize(quantize(torch.from_numpy(x), qp), qp).numpy()
+        assert np.array_equal(dequantize(quantize(x, qp), qp), from_torch)
 
 
 def test_constant_and_zero_tensors_get_a_valid_scale():
@@ -241,3 +243,21 @@ def test_quantparams_validation():
         QuantParams(np.float32(1.0), np.int32(300))
     with pytest.raises(ValueError, match="zero_point must hold integers"):
         QuantParams(np.float32(1.0), 2.5)
+
+
+def test_tensor_range_per_tensor_and_per_channel():
+    x = torch.tensor([[1.0, -3.0], [2.0, 5.0], [0.5, 0.25]])
+    assert affine.tensor_range(x) == (-3.0, 5.0)
+    lo, hi = affine.tensor_range(x, axis=1)
+    assert lo.tolist() == [0.5, -3.0] and hi.tolist() == [2.0, 5.0]
+    lo, hi = affine.tensor_range(x.numpy(), axis=-2)
+    assert lo.tolist() == [-3.0, 2.0, 0.25]
+
+
+def test_tiny_ranges_get_the_minimum_scale():
+    # found by hypothesis: a denormal range once gave a float32 scale of exactly 0
+    for x in (np.array([6.8e-43], dtype=np.float32), np.array([-1e-45, 1e-45], dtype=np.float32)):
+        for scheme, signed, narrow in SCHEME_CHOICES:
+            qp = qparams_from_tensor(x, 8, scheme, signed, narrow)
+            assert float(qp.scale) == np.float32(affine.SCALE_EPS)
+            assert np.all(np.isfinite(fake_quantize(x, qp)))

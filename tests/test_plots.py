@@ -57,3 +57,14 @@ def test_bad_input():
         plots.draw_channel_ranges(np.ones((2, 2)), bits=1)
     with pytest.raises(ValueError, match="weights must be a non-empty dict"):
         plots.granularity_explorer({})
+
+
+def test_publish_turns_numpy_scalars_into_python_numbers(monkeypatch):
+    import myst_nb
+
+    published = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display: published.update({key: (value, display)}))
+    plots.publish("acc", np.float64(96.5))
+    plots.publish("n", np.int64(3))
+    assert published == {"acc": (96.5, False), "n": (3, False)}
+    assert type(published["acc"][0]) is float and type(published["n"][0]) is int
