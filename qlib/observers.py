@@ -80,6 +80,7 @@ class _RangeObserver(Observer):
 
     @property
     def seen(self) -> bool:
+        """Whether any data has been observed."""
         return bool(torch.isfinite(self.min_val).all())
 
     def _batch_range(self, x: torch.Tensor):
@@ -153,6 +154,16 @@ class _SampleObserver(Observer):
         self._min, self._max = np.inf, -np.inf
 
     @property
+    def seen(self) -> bool:
+        """Whether any data has been observed."""
+        return self.count > 0
+
+    @property
+    def count(self) -> int:
+        """How many values have been observed in all (the sample keeps at most ``max_samples``)."""
+        return self._count
+
+    @property
     def samples(self) -> np.ndarray:
         """The current sample: every value seen if there were at most ``max_samples``."""
         return self._reservoir
@@ -184,7 +195,7 @@ class PercentileObserver(_SampleObserver):
         self.percentile = check_float(percentile, "percentile", 50.0, 100.0, low_open=True)
 
     def clip_range(self, bits=8, scheme="asymmetric", signed=False, narrow_range=False):
-        self._require_data(self._count > 0)
+        self._require_data(self.seen)
         lo, hi = np.percentile(self._reservoir, [100.0 - self.percentile, self.percentile])
         return float(lo), float(hi)
 
@@ -206,7 +217,7 @@ class MSEObserver(_SampleObserver):
     def search(self, bits=8, scheme="asymmetric", signed=False, narrow_range=False):
         """Return ``(alphas, mse)`` over the candidate grid, for plotting the trade-off."""
         check_choice(scheme, "scheme", SCHEMES)
-        self._require_data(self._count > 0)
+        self._require_data(self.seen)
         alphas = np.linspace(self.min_fraction, 1.0, self.num_candidates)
         samples = self._reservoir.astype(np.float64)
         errors = np.array([
@@ -254,13 +265,9 @@ def calibrate(model: nn.Module, names, batches, make_observer: Callable[[], Obse
                 model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         model.train(was_training)
-    if any(not _has_data(o) for o in observers.values()):
+    if any(not o.seen for o in observers.values()):
         raise ValueError("batches was empty: the observers saw no data")
     return observers
-
-
-def _has_data(observer: Observer) -> bool:
-    return observer.seen if isinstance(observer, _RangeObserver) else observer._count > 0
 
 
 @torch.no_grad()

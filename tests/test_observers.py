@@ -68,7 +68,7 @@ def test_reservoir_is_a_uniform_sample():
     for start in range(0, 100_000, 10_000):  # values arrive in increasing order
         obs(torch.arange(start, start + 10_000, dtype=torch.float32))
     sample = obs.samples
-    assert sample.size == 2000 and obs._count == 100_000
+    assert sample.size == 2000 and obs.count == 100_000 and obs.seen
     # A uniform sample of 0..99999 has mean ~50000 (std of the mean ~ 650) and covers all batches.
     assert abs(sample.mean() - 50_000) < 3_000
     assert len(np.unique(sample // 10_000)) == 10
