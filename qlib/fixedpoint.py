@@ -167,7 +167,8 @@ def multiply_by_quantized_multiplier(x, multiplier, shift):
     ``shift <= 0``: the high multiply, then a rounding right shift by ``-shift`` bits.
     ``multiplier`` must be a Q31 mantissa in ``[2^30, 2^31)`` (as :func:`quantize_multiplier`
     returns) and ``shift`` in [-31, 30]; both may be per-channel arrays that broadcast
-    against ``x``. Returns int32.
+    against ``x``. Returns int32 (the same numbers as chaining
+    :func:`saturating_rounding_doubling_high_mul` and :func:`rounding_divide_by_pot`).
     """
     x64 = _as_int64(x, "x")
     m = _like(_as_int64(multiplier, "multiplier"), x64)
@@ -178,9 +179,50 @@ def multiply_by_quantized_multiplier(x, multiplier, shift):
     size = s.numel() if _is_torch(s) else s.size
     if size and (int(s.min()) < MIN_SHIFT or int(s.max()) > MAX_SHIFT):
         raise ValueError(f"shift must be in [{MIN_SHIFT}, {MAX_SHIFT}]")
-    zero = _like(0, x64)
-    left = _where(s > 0, s, zero)
-    right = _where(s > 0, zero, -s)
-    shifted = x64 << left
-    shifted = shifted.clamp(INT32_MIN, INT32_MAX) if _is_torch(shifted) else np.clip(shifted, INT32_MIN, INT32_MAX)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m), right)
+    return _to_int32(FixedPointMultiplier(m, s).apply_unchecked(x64))
+
+
+class FixedPointMultiplier:
+    """Precomputed ``(M0, shift)`` pairs (one, or one per channel) applied with few integer operations.
+
+    The two roundings of :func:`multiply_by_quantized_multiplier` have closed forms that need
+    no branches, which is what makes them cheap on whole tensors:
+
+    * ``SaturatingRoundingDoublingHighMul(v, M0) = (v * M0 + 2^30) >> 31`` (arithmetic shift;
+      the saturating case needs ``M0 = INT32_MIN`` and cannot occur with ``M0 >= 2^30``);
+    * ``RoundingDivideByPOT(h, n) = (h + 2^(n-1) + (h >> 63)) >> n`` for ``n >= 1`` (``h >> 63``
+      is -1 for negative ``h``, which turns the tie rule from "up" into "away from zero"), and
+      ``h`` itself for ``n = 0``.
+
+    The tests check both identities against the literal gemmlowp definitions.
+    """
+
+    def __init__(self, multiplier, shift):
+        self.multiplier = multiplier
+        self.left = shift.clamp(min=0) if _is_torch(shift) else np.maximum(shift, 0)
+        self.right = (-shift).clamp(min=0) if _is_torch(shift) else np.maximum(-shift, 0)
+        self.offset = (_like(1, self.right) << self.right) >> 1  # 2^(n-1), or 0 for n = 0
+        self.negative_fix = -(self.offset > 0).to(torch.int64) if _is_torch(shift) else -(self.offset > 0).astype(
+            np.int64)  # -1 where n >= 1: "h >> 63" applies only when there is something to round
+        self.any_left = bool((self.left > 0).any())
+
+    @classmethod
+    def from_reals(cls, reals, shape=(-1,)) -> FixedPointMultiplier:
+        """Quantize real multipliers (a float or 1-d array) into torch int64 tensors shaped ``shape``."""
+        m0, shift = quantize_multipliers(np.atleast_1d(np.asarray(reals, dtype=np.float64)))
+        return cls(torch.from_numpy(m0.astype(np.int64)).reshape(shape),
+                   torch.from_numpy(shift.astype(np.int64)).reshape(shape))
+
+    def apply_unchecked(self, x64):
+        """``x64`` (int64, int32-range values) times the multiplier; int64 result in the int32 range."""
+        if self.any_left:
+            x64 = x64 << self.left
+            x64 = x64.clamp(INT32_MIN, INT32_MAX) if _is_torch(x64) else np.clip(x64, INT32_MIN, INT32_MAX)
+        high = (x64 * self.multiplier + (1 << 30)) >> 31
+        return (high + self.offset + ((high >> 63) & self.negative_fix)) >> self.right
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to an int32 torch tensor (e.g. an accumulator); returns int32."""
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+            raise TypeError("x must be an int32 torch tensor")
+        return self.apply_unchecked(x.to(torch.int64)).to(torch.int32)

@@ -145,4 +145,4 @@ def requantize(acc, multiplier, shift, zero_point: int, qmin: int, qmax: int, dt
     if not isinstance(acc, torch.Tensor) or acc.dtype != torch.int32:
         raise TypeError("acc must be an int32 torch tensor (the accumulator)")
     scaled = multiply_by_quantized_multiplier(acc, multiplier, shift)
-    return (scaled.to(torch.int32) + int(zero_point)).clamp(int(qmin), int(qmax)).to(dtype)
+    return (scaled + int(zero_point)).clamp(int(qmin), int(qmax)).to(dtype)

@@ -143,3 +143,17 @@ def test_bad_input():
         fp.multiply_by_quantized_multiplier(np.array([1]), 2**30, 31)
     with pytest.raises(TypeError, match="x must be a numpy integer array or a torch integer tensor"):
         fp.rounding_divide_by_pot([1, 2], 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(int32s, min_size=1, max_size=50), st.floats(2**-32, 2**29, allow_nan=False, allow_infinity=False))
+def test_fast_multiplier_equals_the_chained_primitives(xs, real):
+    m0, shift = fp.quantize_multiplier(real)
+    x = torch.tensor(xs, dtype=torch.int32)
+    fast = fp.FixedPointMultiplier.from_reals(real)(x)
+    left, right = max(shift, 0), max(-shift, 0)
+    shifted = (x.to(torch.int64) << left).clamp(I32_MIN, I32_MAX)
+    chained = fp.rounding_divide_by_pot(fp.saturating_rounding_doubling_high_mul(shifted, m0), right)
+    assert fast.dtype == torch.int32 and torch.equal(fast, chained)
+    with pytest.raises(TypeError, match="x must be an int32 torch tensor"):
+        fp.FixedPointMultiplier.from_reals(real)(x.to(torch.int64))

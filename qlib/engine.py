@@ -1,0 +1,596 @@
+"""A whole network in integers: convert a float model, then run it on integer codes only.
+
+Chapter 4 of the book. :func:`convert` takes a float model (batch norms are folded first),
+traces it with ``torch.fx``, calibrates the range of every activation on a few batches, and
+builds an :class:`IntegerNetwork`:
+
+* weights: int8, symmetric (zero-point 0), narrow range ``[-127, 127]``, per output channel
+  (or per tensor);
+* activations: uint8 with a zero-point (the paper's scheme) or int8;
+* biases: int32 with scale ``S_in * S_w`` and zero-point 0;
+* every layer ends in the fixed-point requantization of :mod:`qlib.fixedpoint`, and a ReLU or
+  ReLU6 that follows a layer becomes the clamp of that requantization.
+
+After conversion the float scales are gone from the inference path: :meth:`IntegerNetwork.run`
+maps input codes to output codes with integer arithmetic (``quantize_input`` is the one float
+step at the entrance, ``dequantize_output`` the one at the exit, for showing logits).
+
+Supported layers: ``Conv1d``, ``Conv2d`` (any groups, so depthwise too), ``Linear``, ``ReLU``,
+``ReLU6``, ``MaxPool1d/2d``, ``AvgPool1d/2d``, ``AdaptiveAvgPool1d/2d`` to size 1, ``Flatten`` /
+``torch.flatten``, residual ``+``, ``Identity`` and ``Dropout``. Anything else is refused at
+convert time with the layer's name and type.
+
+Two backends compute the convolutions and matrix products exactly: ``"float32"`` runs PyTorch's
+float kernels on integer values small enough that every partial sum is below 2^24 (split along
+the input channels when needed), ``"int"`` uses integer tensors only (an integer im2col and
+``torch._int_mm``). Tests prove that both give identical codes.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._checks import check_bool, check_choice
+from .affine import qparams_from_tensor
+from .fixedpoint import FixedPointMultiplier
+from .fold import fold_batchnorm
+from .gemm import FLOAT32_EXACT, quantized_matmul
+from .observers import MinMaxObserver, Observer
+
+ACTIVATION_DTYPES = ("uint8", "int8")
+ENGINE_BACKENDS = ("float32", "int")
+_WEIGHT_BOUND = 127  # narrow-range int8 weights
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_PASS = (nn.Identity, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How an activation tensor is coded: ``r = scale * (q - zero_point)``, ``q`` in ``[qmin, qmax]``."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    dtype: torch.dtype
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax).to(self.dtype)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        return (q.to(torch.int32) - self.zero_point).to(torch.float32) * self.scale
+
+    def fake_quantize(self, x: torch.Tensor, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
+        lo = self.qmin if lo is None else lo
+        hi = self.qmax if hi is None else hi
+        return (torch.clamp(torch.round(x / self.scale) + self.zero_point, lo, hi) - self.zero_point) * self.scale
+
+
+def _clamp_bounds(spec: ActSpec, activation: str | None) -> tuple[int, int]:
+    """The output code range, narrowed by a fused ReLU (at Z) or ReLU6 (also at Z + 6/S)."""
+    lo, hi = spec.qmin, spec.qmax
+    if activation in ("relu", "relu6"):
+        lo = max(lo, spec.zero_point)
+    if activation == "relu6":
+        hi = min(hi, spec.zero_point + int(round(6.0 / spec.scale)))
+    return lo, hi
+
+
+class IntOp:
+    """One integer operation: ``forward`` on codes, ``simulate`` the same step in exact real arithmetic."""
+
+    name: str
+    inputs: list[str]
+    out: ActSpec
+
+
+class IntLayer(IntOp):
+    """Conv1d/Conv2d/Linear with int8 weights, int32 bias, fixed-point requantization and a fused clamp."""
+
+    def __init__(self, name, inputs, module, in_spec: ActSpec, out_spec: ActSpec, activation, per_channel):
+        self.name, self.inputs, self.out, self.inp = name, inputs, out_spec, in_spec
+        self.kind = "linear" if isinstance(module, nn.Linear) else f"conv{module.weight.ndim - 2}d"
+        w = module.weight.detach().double()
+        self.w_qp = qparams_from_tensor(w, 8, "symmetric", True, True, axis=0 if per_channel else None)
+        w_scale = np.broadcast_to(self.w_qp.scale.astype(np.float64), (w.shape[0],))
+        self.weight = torch.clamp(torch.round(w / torch.from_numpy(w_scale.copy()).reshape(-1, *[1] * (w.ndim - 1))),
+                                  -_WEIGHT_BOUND, _WEIGHT_BOUND).to(torch.int8)
+        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        bias_scale = in_spec.scale * w_scale
+        self.bias = torch.round(bias / torch.from_numpy(bias_scale)).to(torch.int32)
+        shape = (-1,) if self.kind == "linear" else (1, -1) + (1,) * (w.ndim - 2)
+        self.requant = FixedPointMultiplier.from_reals(bias_scale / out_spec.scale, shape)
+        self.w_scale, self.bias_scale = torch.from_numpy(w_scale.copy()), torch.from_numpy(bias_scale)
+        self.lo, self.hi = _clamp_bounds(out_spec, activation)
+        if self.kind != "linear":
+            self.stride, self.padding = module.stride, module.padding
+            self.dilation, self.groups = module.dilation, module.groups
+            if isinstance(self.padding, str) or module.padding_mode != "zeros":
+                raise ValueError(f"layer {name!r}: only explicit zero padding is supported")
+        self.activation = activation
+        self.weight_f32 = self.weight.to(torch.float32)
+
+    # -- the integer path ------------------------------------------------------------
+    def accumulate(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """The int32 accumulator ``sum (x - Zx) w + bias`` for codes ``x``, shaped like the output."""
+        if self.kind == "linear":
+            acc = quantized_matmul(x, self.inp.zero_point, self.weight.t(), 0, self.bias,
+                                   "float32" if backend == "float32" else "int_mm")
+            return acc
+        if backend == "float32":
+            acc = self._conv_float32(x)
+        else:
+            acc = self._conv_int(x)
+        shape = [1, -1] + [1] * (acc.ndim - 2)
+        return acc + self.bias.reshape(shape)
+
+    def _conv_fn(self):
+        return F.conv1d if self.kind == "conv1d" else F.conv2d
+
+    def _conv_float32(self, x):
+        # Centre the codes (int16), then let the float conv kernel sum products of integers. Every
+        # partial sum is an integer below 2^24 in magnitude (checked), so float32 holds it exactly.
+        centred = (x.to(torch.int16) - self.inp.zero_point).to(torch.float32)
+        per_input = int(np.prod(self.weight.shape[2:])) * 255 * _WEIGHT_BOUND
+        cin_per_group = self.weight.shape[1]
+        chunk = max(1, (FLOAT32_EXACT - 1) // per_input)
+        conv = self._conv_fn()
+        kwargs = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        if cin_per_group <= chunk:
+            return conv(centred, self.weight_f32, **kwargs).to(torch.int32)
+        if self.groups != 1:
+            return self._conv_int(x)
+        total = None
+        for start in range(0, cin_per_group, chunk):
+            part = conv(centred[:, start:start + chunk], self.weight_f32[:, start:start + chunk], **kwargs)
+            part = part.to(torch.int32)
+            total = part if total is None else total + part
+        return total
+
+    def _conv_int(self, x):
+        # Integer im2col: pad with the zero-point code (the real value 0), unfold, then the
+        # zero-point-folded integer GEMM of chapter 3 per group.
+        dims = self.weight.ndim - 2
+        pad = []
+        for p in reversed(self.padding):
+            pad += [p, p]
+        xp = F.pad(x, pad, value=self.inp.zero_point) if any(self.padding) else x
+        patches = xp
+        for d in range(dims):
+            k = self.weight.shape[2 + d]
+            patches = patches.unfold(2 + d, (k - 1) * self.dilation[d] + 1, self.stride[d])
+            if self.dilation[d] > 1:
+                patches = patches[..., ::self.dilation[d]]
+        n, c = x.shape[:2]
+        spatial = patches.shape[2:2 + dims]
+        # patches: (N, C, *spatial, *kernel) -> per group (N * spatial, C/g * kernel)
+        cpg, outs = c // self.groups, []
+        out_per_group = self.weight.shape[0] // self.groups
+        for g in range(self.groups):
+            p = patches[:, g * cpg:(g + 1) * cpg]
+            p = p.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)).reshape(-1, cpg * int(
+                np.prod(self.weight.shape[2:])))
+            w = self.weight[g * out_per_group:(g + 1) * out_per_group].reshape(out_per_group, -1)
+            outs.append(quantized_matmul(p.contiguous(), self.inp.zero_point, w.t().contiguous(), 0, None, "int_mm"))
+        acc = torch.cat(outs, dim=1).reshape(n, *spatial, -1)
+        return acc.permute(0, dims + 1, *range(1, dims + 1)).contiguous()
+
+    def forward(self, x, backend="float32"):
+        scaled = self.requant.apply_unchecked(self.accumulate(x, backend).to(torch.int64))
+        return (scaled + self.out.zero_point).clamp(self.lo, self.hi).to(self.out.dtype)
+
+    # -- the same layer in exact real arithmetic (the fake-quant reference) ------------------
+    def simulate(self, x):
+        shape = [-1] + [1] * (self.weight.ndim - 1)
+        w = self.weight.double() * self.w_scale.reshape(shape)
+        bias = self.bias.double() * self.bias_scale
+        x = x.double()
+        if self.kind == "linear":
+            y = F.linear(x, w, bias)
+        else:
+            conv = self._conv_fn()
+            y = conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.out.fake_quantize(y, self.lo, self.hi).float()
+
+
+class IntAdd(IntOp):
+    """Residual add of two coded tensors with different scales (TensorFlow Lite's scheme).
+
+    Both inputs are centred, shifted left by 20 bits for headroom, rescaled to a common scale
+    ``2 max(S_a, S_b)`` by fixed-point multipliers, added, and requantized to the output.
+    """
+
+    LEFT_SHIFT = 20
+
+    def __init__(self, name, inputs, a: ActSpec, b: ActSpec, out: ActSpec, activation):
+        self.name, self.inputs, self.a, self.b, self.out = name, inputs, a, b, out
+        twice_max = 2 * max(a.scale, b.scale)
+        self.ma = FixedPointMultiplier.from_reals(a.scale / twice_max)
+        self.mb = FixedPointMultiplier.from_reals(b.scale / twice_max)
+        self.mo = FixedPointMultiplier.from_reals(twice_max / ((1 << self.LEFT_SHIFT) * out.scale))
+        self.lo, self.hi = _clamp_bounds(out, activation)
+
+    def forward(self, qa, qb, backend="float32"):
+        xa = (qa.to(torch.int64) - self.a.zero_point) << self.LEFT_SHIFT  # |x| < 2^29: int32 range
+        xb = (qb.to(torch.int64) - self.b.zero_point) << self.LEFT_SHIFT
+        total = self.ma.apply_unchecked(xa) + self.mb.apply_unchecked(xb)  # each <= 2^28: no overflow
+        out = self.mo.apply_unchecked(total) + self.out.zero_point
+        return out.clamp(self.lo, self.hi).to(self.out.dtype)
+
+    def simulate(self, a, b):
+        return self.out.fake_quantize(a.double() + b.double(), self.lo, self.hi).float()
+
+
+class IntAvgPool(IntOp):
+    """Average pooling: an int32 sum of centred codes times ``1/n`` in fixed point.
+
+    The output keeps the input's scale and zero-point (an average never leaves the input's
+    range), as in TensorFlow Lite and PyTorch.
+    """
+
+    def __init__(self, name, inputs, module, inp: ActSpec):
+        self.name, self.inputs, self.inp, self.out = name, inputs, inp, inp
+        self.module = module
+        self.adaptive = isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d))
+        if self.adaptive:
+            size = module.output_size
+            if any(s != 1 for s in ((size,) if isinstance(size, int) else size)):
+                raise ValueError(f"layer {name!r}: only adaptive average pooling to size 1 is supported")
+        else:
+            if module.padding not in (0, (0, 0)) or getattr(module, "ceil_mode", False):
+                raise ValueError(f"layer {name!r}: average pooling with padding or ceil_mode is not supported")
+            if getattr(module, "divisor_override", None):
+                raise ValueError(f"layer {name!r}: divisor_override is not supported")
+        self._multipliers = {}
+
+    def _window(self, x):
+        if self.adaptive:
+            return int(np.prod(x.shape[2:]))
+        k = self.module.kernel_size
+        return int(np.prod((k,) * (x.ndim - 2) if isinstance(k, int) else k))
+
+    def _sum(self, centred):
+        dims = centred.ndim - 2
+        if self.adaptive:
+            return centred.sum(dim=tuple(range(2, 2 + dims)), keepdim=True)
+        k, s = self.module.kernel_size, self.module.stride
+        k = (k,) * dims if isinstance(k, int) else k
+        s = (s,) * dims if isinstance(s, int) else s
+        out = centred
+        for d in range(dims):
+            out = out.unfold(2 + d, k[d], s[d])
+        return out.sum(dim=tuple(range(-dims, 0)))
+
+    def forward(self, x, backend="float32"):
+        n = self._window(x)
+        if n not in self._multipliers:
+            self._multipliers[n] = FixedPointMultiplier.from_reals(1.0 / n)
+        total = self._sum(x.to(torch.int64) - self.inp.zero_point)
+        out = self._multipliers[n].apply_unchecked(total) + self.out.zero_point
+        return out.clamp(self.out.qmin, self.out.qmax).to(self.out.dtype)
+
+    def simulate(self, x):
+        return self.out.fake_quantize(self.module(x.double())).float()
+
+
+class IntMaxPool(IntOp):
+    """Max pooling commutes with the monotonic affine map: pool the codes directly."""
+
+    def __init__(self, name, inputs, module, spec: ActSpec):
+        self.name, self.inputs, self.module, self.out = name, inputs, module, spec
+        if getattr(module, "padding", 0) not in (0, (0, 0)):
+            raise ValueError(f"layer {name!r}: max pooling with padding is not supported")
+
+    def forward(self, x, backend="float32"):
+        return _int_maxpool(x, self.module).to(self.out.dtype)
+
+    def simulate(self, x):
+        return self.module(x)
+
+
+def _int_maxpool(x, module):
+    """Max pooling by unfolding windows (torch's pooling kernels do not take integer tensors)."""
+    dims = x.ndim - 2
+    k, s = module.kernel_size, module.stride
+    k = (k,) * dims if isinstance(k, int) else k
+    s = (s,) * dims if isinstance(s, int) else s
+    out = x
+    for d in range(dims):
+        out = out.unfold(2 + d, k[d], s[d])
+    return out.amax(dim=tuple(range(-dims, 0)))
+
+
+class IntClamp(IntOp):
+    """A ReLU or ReLU6 that could not be fused: a clamp of the codes (same scale in and out)."""
+
+    def __init__(self, name, inputs, spec: ActSpec, activation):
+        self.name, self.inputs, self.out = name, inputs, spec
+        self.lo, self.hi = _clamp_bounds(spec, activation)
+
+    def forward(self, x, backend="float32"):
+        return x.clamp(self.lo, self.hi)
+
+    def simulate(self, x):
+        return self.out.fake_quantize(x, self.lo, self.hi)
+
+
+class IntFlatten(IntOp):
+    def __init__(self, name, inputs, spec: ActSpec, start_dim=1):
+        self.name, self.inputs, self.out, self.start_dim = name, inputs, spec, start_dim
+
+    def forward(self, x, backend="float32"):
+        return torch.flatten(x, self.start_dim)
+
+    def simulate(self, x):
+        return torch.flatten(x, self.start_dim)
+
+
+class IntegerNetwork:
+    """A converted network: integer operations in topological order between an input and an output spec."""
+
+    def __init__(self, ops: list[IntOp], input_name: str, input_spec: ActSpec, output_name: str):
+        self.ops, self.input_name, self.input_spec, self.output_name = ops, input_name, input_spec, output_name
+        self.output_spec = next(op.out for op in ops if op.name == output_name)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The entrance: float input -> codes (the only float step before the output)."""
+        return self.input_spec.quantize(x)
+
+    def dequantize_output(self, q: torch.Tensor) -> torch.Tensor:
+        """The exit: output codes -> real logits, only for showing them."""
+        return self.output_spec.dequantize(q)
+
+    @torch.no_grad()
+    def run(self, q: torch.Tensor, backend: str = "float32") -> torch.Tensor:
+        """Input codes -> output codes with integer arithmetic only."""
+        check_choice(backend, "backend", ENGINE_BACKENDS)
+        if not isinstance(q, torch.Tensor) or q.dtype != self.input_spec.dtype:
+            raise TypeError(f"q must be a torch tensor of {self.input_spec.dtype} codes (use quantize_input)")
+        env = {self.input_name: q}
+        for op in self.ops:
+            env[op.name] = op.forward(*(env[i] for i in op.inputs), backend=backend)
+        return env[self.output_name]
+
+    @torch.no_grad()
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The same network in exact real arithmetic with the same grids (the fake-quant reference)."""
+        env = {self.input_name: self.input_spec.fake_quantize(x.double()).float()}
+        for op in self.ops:
+            env[op.name] = op.simulate(*(env[i] for i in op.inputs))
+        return env[self.output_name]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, backend: str = "float32") -> torch.Tensor:
+        """Float in, dequantized logits out, integer arithmetic in between."""
+        return self.dequantize_output(self.run(self.quantize_input(x), backend))
+
+    def layers(self) -> list[IntLayer]:
+        return [op for op in self.ops if isinstance(op, IntLayer)]
+
+    def weight_bytes(self) -> int:
+        """Bytes of int8 weights and int32 biases."""
+        return sum(op.weight.numel() + 4 * op.bias.numel() for op in self.layers())
+
+
+# ---------------------------------------------------------------- conversion -----------------
+
+def _activation_of(node, modules):
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.ReLU6):
+            return "relu6"
+        if isinstance(m, nn.ReLU):
+            return "relu"
+    if node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return "relu"
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, observers):
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.observers and isinstance(out, torch.Tensor) and torch.is_floating_point(out):
+            self.observers[n.name](out)
+        return out
+
+
+def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_channel: bool = True,
+            make_observer=MinMaxObserver, reduce_range: bool = False) -> IntegerNetwork:
+    """Fold, trace, calibrate and convert ``model`` into an :class:`IntegerNetwork`.
+
+    ``calibration`` is a list of input batches (float tensors, or ``(x, y)`` pairs). Every
+    activation gets asymmetric 8-bit parameters from ``make_observer()`` (min-max by default).
+    ``reduce_range=True`` uses 7-bit activation codes, as PyTorch's x86 backend does: its AVX2
+    kernels add pairs of uint8 x int8 products in int16, which saturates for 8-bit activations
+    (2 * 255 * 127 > 2^15 - 1).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice(activation_dtype, "activation_dtype", ACTIVATION_DTYPES)
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    if not batches:
+        raise ValueError("calibration must hold at least one batch")
+    gm = fx.symbolic_trace(fold_batchnorm(model))
+    modules = dict(gm.named_modules())
+    _check_supported(list(gm.graph.nodes), modules)
+    for node in list(gm.graph.nodes):  # folded batch norms became Identity: drop them so ReLUs fuse
+        if node.op == "call_module" and isinstance(modules[node.target], _PASS):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    nodes = list(gm.graph.nodes)
+
+    observers = {n.name: make_observer() for n in nodes if n.op not in ("output", "get_attr")}
+    for o in observers.values():
+        if not isinstance(o, Observer):
+            raise TypeError("make_observer must return a qlib.observers.Observer")
+    recorder = _Recorder(gm, observers)
+    with torch.no_grad():
+        for x in batches:
+            recorder.run(x)
+    signed = activation_dtype == "int8"
+    act_bits = 7 if check_bool(reduce_range, "reduce_range") else 8
+
+    def spec(name):
+        qp = observers[name].qparams(act_bits, "asymmetric", signed)
+        return ActSpec(float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax, torch.int8 if signed else torch.uint8)
+
+    fused = {}  # relu node name -> the node whose op absorbed it
+    alias = {}  # node name -> the name whose codes it shares
+    ops, input_name, output_name = [], None, None
+
+    def src(n):
+        while n in alias:
+            n = alias[n]
+        return n
+
+    specs = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            input_name = node.name
+            specs[node.name] = spec(node.name)
+            continue
+        if node.op == "output":
+            output_name = src(node.args[0].name)
+            continue
+        if node.name in fused:
+            alias[node.name] = fused[node.name]
+            continue
+        ins = [src(a.name) for a in node.args if isinstance(a, fx.Node)]
+        module = modules.get(node.target) if node.op == "call_module" else None
+        users = list(node.users)
+        follower = users[0] if len(users) == 1 else None
+        activation = _activation_of(follower, modules) if follower is not None else None
+        out_name = follower.name if activation else node.name
+        if isinstance(module, (*_CONVS, nn.Linear)):
+            op = IntLayer(node.name, ins, module, specs[ins[0]], spec(out_name), activation, per_channel)
+        elif node.op == "call_function" and node.target in (operator.add, torch.add):
+            op = IntAdd(node.name, ins, specs[ins[0]], specs[ins[1]], spec(out_name), activation)
+        elif _activation_of(node, modules):
+            op = IntClamp(node.name, ins, specs[ins[0]], _activation_of(node, modules))
+            activation = None
+        elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+            op, activation = IntMaxPool(node.name, ins, module, specs[ins[0]]), None
+        elif isinstance(module, _POOLS):
+            op, activation = IntAvgPool(node.name, ins, module, specs[ins[0]]), None
+        elif isinstance(module, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten) or (
+                node.op == "call_method" and node.target == "flatten"):
+            start = module.start_dim if module is not None else (node.args[1] if len(node.args) > 1 else 1)
+            op, activation = IntFlatten(node.name, ins, specs[ins[0]], start), None
+        else:  # _check_supported has already refused anything else
+            raise AssertionError(node)
+        if activation:
+            fused[follower.name] = node.name
+        specs[node.name] = op.out
+        ops.append(op)
+    return IntegerNetwork(ops, input_name, specs[input_name], output_name)
+
+
+def _check_supported(nodes, modules):
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, (*_CONVS, nn.Linear, nn.ReLU, nn.ReLU6, *_POOLS, nn.Flatten, *_PASS)):
+                continue
+            raise ValueError(f"unsupported layer {node.target!r} of type {type(m).__name__}; the integer engine "
+                             "supports Conv1d/Conv2d/Linear/ReLU/ReLU6/pooling/Flatten/add")
+        if node.op == "call_function" and node.target in (operator.add, torch.add, torch.flatten, F.relu, torch.relu):
+            continue
+        if node.op == "call_method" and node.target == "flatten":
+            continue
+        raise ValueError(f"unsupported operation {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
+                         "; the integer engine supports Conv1d/Conv2d/Linear/ReLU/ReLU6/pooling/Flatten/add")
+
+
+# ---------------------------------------------------------------- PyTorch's quantized engine -----
+
+def _pytorch_op(op: IntOp, args):
+    """One operation of an IntegerNetwork with PyTorch's quantized kernels, on quantized tensors."""
+    import torch.ao.nn.quantized.functional as qF
+
+    if isinstance(op, IntLayer):
+        if op.out.dtype != torch.uint8 or op.inp.dtype != torch.uint8:
+            raise ValueError("the PyTorch comparison supports uint8 activations (PyTorch's quint8)")
+        weight = torch._make_per_channel_quantized_tensor(
+            op.weight, op.w_scale.double(), torch.zeros(op.weight.shape[0], dtype=torch.int64), 0)
+        bias = (op.bias.double() * op.bias_scale).float()
+        if op.kind == "linear":
+            y = qF.linear(args[0], weight, bias, op.out.scale, op.out.zero_point)
+        else:
+            conv = qF.conv1d if op.kind == "conv1d" else qF.conv2d
+            y = conv(args[0], weight, bias, op.stride, op.padding, op.dilation, op.groups,
+                     scale=op.out.scale, zero_point=op.out.zero_point)
+        if op.activation is not None:
+            y = torch.clamp(y, 0.0, 6.0) if op.activation == "relu6" else torch.relu(y)
+        return y
+    if isinstance(op, IntAdd):
+        add = torch.ops.quantized.add_relu if op.lo > op.out.qmin else torch.ops.quantized.add
+        return add(args[0], args[1], op.out.scale, op.out.zero_point)
+    if isinstance(op, (IntAvgPool, IntMaxPool)):
+        return op.module(args[0])
+    if isinstance(op, IntClamp):
+        return torch.relu(args[0])
+    return torch.flatten(args[0], op.start_dim)
+
+
+def _quantized(codes, spec):
+    return torch._make_per_tensor_quantized_tensor(codes, spec.scale, spec.zero_point)
+
+
+@contextmanager
+def _pytorch_quantized():
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        # PyTorch 2.13 marks quantized tensors as deprecated; they are still what its int8 kernels take.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
+@torch.no_grad()
+def run_with_pytorch(network: IntegerNetwork, q: torch.Tensor) -> torch.Tensor:
+    """Run the same integer network end to end with PyTorch's quantized kernels (x86 backend).
+
+    Same int8 weights, int32 biases (passed as the float ``bias * S_in * S_w`` that PyTorch
+    expects), scales and zero-points; returns the output codes. PyTorch requantizes in float32
+    with round-half-to-even, so its codes may differ from :meth:`IntegerNetwork.run` by a unit
+    here and there, and such differences compound from layer to layer. Convert with
+    ``reduce_range=True`` for this comparison (see :func:`convert`).
+    """
+    with _pytorch_quantized():
+        env = {network.input_name: _quantized(q, network.input_spec)}
+        for op in network.ops:
+            env[op.name] = _pytorch_op(op, [env[i] for i in op.inputs])
+        return env[network.output_name].int_repr()
+
+
+@torch.no_grad()
+def compare_layers_with_pytorch(network: IntegerNetwork, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per operation, |our codes - PyTorch's codes| when both get *our* input codes (no compounding)."""
+    env = {network.input_name: q}
+    diffs = {}
+    with _pytorch_quantized():
+        for op in network.ops:
+            args = [env[i] for i in op.inputs]
+            ours = op.forward(*args)
+            specs = [network.input_spec if i == network.input_name else next(o.out for o in network.ops if o.name == i)
+                     for i in op.inputs]
+            theirs = _pytorch_op(op, [_quantized(a, sp) for a, sp in zip(args, specs)]).int_repr()
+            diffs[op.name] = (ours.to(torch.int32) - theirs.to(torch.int32)).abs()
+            env[op.name] = ours
+    return diffs

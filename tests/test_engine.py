@@ -1,0 +1,142 @@
+"""The integer engine: integer-only inference, exact backends, agreement with the real-arithmetic reference."""
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from qlib import engine, models
+
+
+def calibrated(model, shape, seed=0):
+    """A randomly initialised model whose batch norms have realistic running statistics."""
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(32, *shape))
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+NETWORKS = [("mnist_cnn", (1, 28, 28)), ("mnist1d_cnn", (1, 40)), ("resnet20", (3, 32, 32))]
+
+
+@pytest.fixture(scope="module", params=NETWORKS, ids=[n for n, _ in NETWORKS])
+def converted(request):
+    name, shape = request.param
+    model = calibrated(models.build_model(name), shape)
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(64, *shape, generator=g) for _ in range(2)]
+    x = torch.randn(48, *shape, generator=g)
+    return model, engine.convert(model, calibration), x
+
+
+def test_backends_give_identical_codes(converted):
+    _, network, x = converted
+    q = network.quantize_input(x)
+    assert torch.equal(network.run(q, "float32"), network.run(q, "int"))
+
+
+class DtypeRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def test_integer_backend_computes_with_integer_tensors_only(converted):
+    _, network, x = converted
+    q = network.quantize_input(x)
+    with DtypeRecorder() as recorder:
+        network.run(q, "int")
+    assert recorder.dtypes, "nothing was recorded"
+    floats = {d for d in recorder.dtypes if d.is_floating_point or d.is_complex}
+    assert not floats, f"float tensors on the integer path: {floats}"
+
+
+def test_agrees_with_the_real_arithmetic_reference(converted):
+    _, network, x = converted
+    codes = network.run(network.quantize_input(x))
+    reference = network.output_spec.quantize(network.simulate(x))
+    diff = (codes.to(torch.int32) - reference.to(torch.int32)).abs()
+    assert diff.max() <= 4  # fixed-point rounding, compounded over the layers
+    assert (diff == 0).float().mean() > 0.5
+
+
+def test_close_to_the_float_model(converted):
+    model, network, x = converted
+    with torch.no_grad():
+        expected = model(x)
+    got = network(x)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 0.15 * scale
+
+
+def test_relu_is_fused_and_weights_are_narrow_int8(converted):
+    _, network, _ = converted
+    assert not any(isinstance(op, engine.IntClamp) for op in network.ops)
+    for layer in network.layers():
+        assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() <= 127
+        assert layer.bias.dtype == torch.int32
+
+
+def test_pytorch_quantized_engine_agrees_layer_by_layer():
+    model = calibrated(models.MnistCNN(), (1, 28, 28))
+    g = torch.Generator().manual_seed(2)
+    network = engine.convert(model, [torch.randn(64, 1, 28, 28, generator=g)], reduce_range=True)
+    q = network.quantize_input(torch.randn(32, 1, 28, 28, generator=g))
+    diffs = torch.cat([d.flatten() for d in engine.compare_layers_with_pytorch(network, q).values()])
+    assert (diffs <= 1).float().mean() >= 0.999
+    end_to_end = engine.run_with_pytorch(network, q)
+    assert end_to_end.shape == network.run(q).shape
+
+
+def test_int8_activations():
+    model = calibrated(models.Mnist1DCNN(), (1, 40))
+    g = torch.Generator().manual_seed(3)
+    network = engine.convert(model, [torch.randn(64, 1, 40, generator=g)], activation_dtype="int8")
+    x = torch.randn(16, 1, 40, generator=g)
+    q = network.quantize_input(x)
+    assert q.dtype == torch.int8
+    out = network.run(q)
+    assert out.dtype == torch.int8 and torch.equal(out, network.run(q, "int"))
+
+
+def test_relu6_and_maxpool():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 1, 6, 6, generator=g) * 3
+    network = engine.convert(model, [x])
+    codes = network.run(network.quantize_input(x))
+    reference = network.output_spec.quantize(network.simulate(x))
+    assert (codes.int() - reference.int()).abs().max() <= 1
+    conv = network.layers()[0]
+    assert conv.activation == "relu6" and conv.hi <= conv.out.zero_point + round(6 / conv.out.scale)
+
+
+def test_unsupported_layer_is_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
+    with pytest.raises(ValueError, match="unsupported layer '1' of type Sigmoid"):
+        engine.convert(model, [torch.randn(2, 4)])
+
+
+def test_bad_input(converted):
+    _, network, x = converted
+    with pytest.raises(TypeError, match="q must be a torch tensor of torch.uint8 codes"):
+        network.run(x)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        network.run(network.quantize_input(x), "gpu")
+    with pytest.raises(ValueError, match="calibration must hold at least one batch"):
+        engine.convert(nn.Linear(2, 2), [])
+    with pytest.raises(ValueError, match="activation_dtype must be one of"):
+        engine.convert(nn.Linear(2, 2), [torch.zeros(1, 2)], activation_dtype="int4")
