@@ -519,22 +519,30 @@ def _check_supported(nodes, modules):
 
 # ---------------------------------------------------------------- PyTorch's quantized engine -----
 
-def _pytorch_op(op: IntOp, args):
-    """One operation of an IntegerNetwork with PyTorch's quantized kernels, on quantized tensors."""
-    import torch.ao.nn.quantized.functional as qF
+def _pytorch_module(op: IntLayer):
+    """A prepacked ``torch.ao.nn.quantized`` module holding the layer's int8 weights and int32 bias."""
+    import torch.ao.nn.quantized as nnq
 
+    if op.out.dtype != torch.uint8 or op.inp.dtype != torch.uint8:
+        raise ValueError("the PyTorch comparison supports uint8 activations (PyTorch's quint8)")
+    weight = torch._make_per_channel_quantized_tensor(
+        op.weight, op.w_scale.double(), torch.zeros(op.weight.shape[0], dtype=torch.int64), 0)
+    bias = (op.bias.double() * op.bias_scale).float()  # PyTorch takes the bias in float and rounds it back
+    if op.kind == "linear":
+        module = nnq.Linear(op.weight.shape[1], op.weight.shape[0])
+    else:
+        cls = nnq.Conv1d if op.kind == "conv1d" else nnq.Conv2d
+        module = cls(op.weight.shape[1] * op.groups, op.weight.shape[0], tuple(op.weight.shape[2:]), op.stride,
+                     op.padding, op.dilation, op.groups)
+    module.set_weight_bias(weight, bias)
+    module.scale, module.zero_point = op.out.scale, op.out.zero_point
+    return module
+
+
+def _pytorch_op(op: IntOp, args, modules):
+    """One operation of an IntegerNetwork with PyTorch's quantized kernels, on quantized tensors."""
     if isinstance(op, IntLayer):
-        if op.out.dtype != torch.uint8 or op.inp.dtype != torch.uint8:
-            raise ValueError("the PyTorch comparison supports uint8 activations (PyTorch's quint8)")
-        weight = torch._make_per_channel_quantized_tensor(
-            op.weight, op.w_scale.double(), torch.zeros(op.weight.shape[0], dtype=torch.int64), 0)
-        bias = (op.bias.double() * op.bias_scale).float()
-        if op.kind == "linear":
-            y = qF.linear(args[0], weight, bias, op.out.scale, op.out.zero_point)
-        else:
-            conv = qF.conv1d if op.kind == "conv1d" else qF.conv2d
-            y = conv(args[0], weight, bias, op.stride, op.padding, op.dilation, op.groups,
-                     scale=op.out.scale, zero_point=op.out.zero_point)
+        y = modules[op.name](args[0])
         if op.activation is not None:
             y = torch.clamp(y, 0.0, 6.0) if op.activation == "relu6" else torch.relu(y)
         return y
@@ -546,6 +554,46 @@ def _pytorch_op(op: IntOp, args):
     if isinstance(op, IntClamp):
         return torch.relu(args[0])
     return torch.flatten(args[0], op.start_dim)
+
+
+class PyTorchQuantized:
+    """The same integer network on PyTorch's quantized engine (x86/fbgemm), weights prepacked once.
+
+    Same int8 weights, int32 biases (passed as the float ``bias * S_in * S_w`` that PyTorch
+    expects), scales and zero-points. PyTorch requantizes in float32 with round-half-to-even, so
+    its codes may differ from :meth:`IntegerNetwork.run` by a unit here and there, and such
+    differences compound from layer to layer. Convert with ``reduce_range=True`` for this
+    comparison (see :func:`convert`).
+    """
+
+    def __init__(self, network: IntegerNetwork):
+        self.network = network
+        with _pytorch_quantized():
+            self.modules = {op.name: _pytorch_module(op) for op in network.layers()}
+
+    @torch.no_grad()
+    def run(self, q: torch.Tensor) -> torch.Tensor:
+        """Input codes -> output codes, end to end."""
+        with _pytorch_quantized():
+            env = {self.network.input_name: _quantized(q, self.network.input_spec)}
+            for op in self.network.ops:
+                env[op.name] = _pytorch_op(op, [env[i] for i in op.inputs], self.modules)
+            return env[self.network.output_name].int_repr()
+
+    @torch.no_grad()
+    def compare_layers(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per operation, |our codes - PyTorch's codes| when both get *our* input codes (no compounding)."""
+        net = self.network
+        specs = {net.input_name: net.input_spec, **{op.name: op.out for op in net.ops}}
+        env, diffs = {net.input_name: q}, {}
+        with _pytorch_quantized():
+            for op in net.ops:
+                args = [env[i] for i in op.inputs]
+                ours = op.forward(*args)
+                theirs = _pytorch_op(op, [_quantized(a, specs[i]) for a, i in zip(args, op.inputs)], self.modules)
+                diffs[op.name] = (ours.to(torch.int32) - theirs.int_repr().to(torch.int32)).abs()
+                env[op.name] = ours
+        return diffs
 
 
 def _quantized(codes, spec):
@@ -560,37 +608,3 @@ def _pytorch_quantized():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         yield
-
-
-@torch.no_grad()
-def run_with_pytorch(network: IntegerNetwork, q: torch.Tensor) -> torch.Tensor:
-    """Run the same integer network end to end with PyTorch's quantized kernels (x86 backend).
-
-    Same int8 weights, int32 biases (passed as the float ``bias * S_in * S_w`` that PyTorch
-    expects), scales and zero-points; returns the output codes. PyTorch requantizes in float32
-    with round-half-to-even, so its codes may differ from :meth:`IntegerNetwork.run` by a unit
-    here and there, and such differences compound from layer to layer. Convert with
-    ``reduce_range=True`` for this comparison (see :func:`convert`).
-    """
-    with _pytorch_quantized():
-        env = {network.input_name: _quantized(q, network.input_spec)}
-        for op in network.ops:
-            env[op.name] = _pytorch_op(op, [env[i] for i in op.inputs])
-        return env[network.output_name].int_repr()
-
-
-@torch.no_grad()
-def compare_layers_with_pytorch(network: IntegerNetwork, q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per operation, |our codes - PyTorch's codes| when both get *our* input codes (no compounding)."""
-    env = {network.input_name: q}
-    diffs = {}
-    with _pytorch_quantized():
-        for op in network.ops:
-            args = [env[i] for i in op.inputs]
-            ours = op.forward(*args)
-            specs = [network.input_spec if i == network.input_name else next(o.out for o in network.ops if o.name == i)
-                     for i in op.inputs]
-            theirs = _pytorch_op(op, [_quantized(a, sp) for a, sp in zip(args, specs)]).int_repr()
-            diffs[op.name] = (ours.to(torch.int32) - theirs.to(torch.int32)).abs()
-            env[op.name] = ours
-    return diffs

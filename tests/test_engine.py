@@ -95,10 +95,12 @@ def test_pytorch_quantized_engine_agrees_layer_by_layer():
     g = torch.Generator().manual_seed(2)
     network = engine.convert(model, [torch.randn(64, 1, 28, 28, generator=g)], reduce_range=True)
     q = network.quantize_input(torch.randn(32, 1, 28, 28, generator=g))
-    diffs = torch.cat([d.flatten() for d in engine.compare_layers_with_pytorch(network, q).values()])
+    pytorch = engine.PyTorchQuantized(network)
+    diffs = torch.cat([d.flatten() for d in pytorch.compare_layers(q).values()])
     assert (diffs <= 1).float().mean() >= 0.999
-    end_to_end = engine.run_with_pytorch(network, q)
+    end_to_end = pytorch.run(q)
     assert end_to_end.shape == network.run(q).shape
+    assert (end_to_end.int() - network.run(q).int()).abs().float().mean() < 1.0
 
 
 def test_int8_activations():
