@@ -4,7 +4,7 @@ Everything runs in this one process on the same network and batch, and only rati
 (images per second relative to float32 PyTorch; higher is faster):
 
     python bench/engine.py               # MnistCNN and Mnist1DCNN, batch 256
-    python bench/engine.py --batch 64
+    python bench/engine.py --batch 64 --gemm-only
 """
 
 import argparse
@@ -58,7 +58,7 @@ def network_table(batch, repeats):
 def gemm_table(repeats):
     import torch.ao.nn.quantized as nnq
 
-    print("\nGEMM (M x K x N), uint8 x int8 -> int32 accumulator: speed relative to float32 matmul")
+    print("GEMM (M x K x N), uint8 x int8 -> int32 accumulator: speed relative to float32 matmul")
     print(f"{'shape':>18} | {'qlib float32-split':>18} | {'qlib _int_mm':>12} | {'int64 matmul':>12} | "
           f"{'PyTorch int8 linear':>19}")
     g = torch.Generator().manual_seed(0)
@@ -85,9 +85,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--gemm-only", action="store_true", help="only the GEMM table")
+    parser.add_argument("--network-only", action="store_true", help="only the whole-network table")
     args = parser.parse_args()
-    network_table(args.batch, args.repeats)
-    gemm_table(args.repeats)
+    if not args.gemm_only:
+        network_table(args.batch, args.repeats)
+    if not args.network_only:
+        gemm_table(args.repeats)
 
 
 if __name__ == "__main__":

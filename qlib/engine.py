@@ -373,6 +373,24 @@ class IntegerNetwork:
         """Float in, dequantized logits out, integer arithmetic in between."""
         return self.dequantize_output(self.run(self.quantize_input(x), backend))
 
+    @torch.no_grad()
+    def layer_errors(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per operation, the absolute difference between its codes and the exact codes, for the same input codes.
+
+        No compounding: every operation gets the engine's own input codes. "Exact" is the same
+        operation with real multipliers (:meth:`simulate` for one step); the
+        difference is the fixed-point rounding alone, at most one unit for a layer.
+        """
+        specs = {self.input_name: self.input_spec, **{op.name: op.out for op in self.ops}}
+        env, errors = {self.input_name: q}, {}
+        for op in self.ops:
+            args = [env[i] for i in op.inputs]
+            ours = op.forward(*args)
+            exact = op.out.quantize(op.simulate(*[specs[i].dequantize(a) for a, i in zip(args, op.inputs)]))
+            errors[op.name] = (ours.to(torch.int32) - exact.to(torch.int32)).abs()
+            env[op.name] = ours
+        return errors
+
     def layers(self) -> list[IntLayer]:
         return [op for op in self.ops if isinstance(op, IntLayer)]
 
@@ -582,7 +600,7 @@ class PyTorchQuantized:
 
     @torch.no_grad()
     def compare_layers(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per operation, |our codes - PyTorch's codes| when both get *our* input codes (no compounding)."""
+        """Per operation, the absolute difference between our codes and PyTorch's, both given *our* input codes."""
         net = self.network
         specs = {net.input_name: net.input_spec, **{op.name: op.out for op in net.ops}}
         env, diffs = {net.input_name: q}, {}

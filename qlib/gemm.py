@@ -14,7 +14,7 @@ zero-point 0. The accumulator is then requantized with the fixed-point multiplie
 :mod:`qlib.fixedpoint`, offset by Z3 and clamped to the output code range, which is also
 where a ReLU or ReLU6 disappears.
 
-The core product ``q1 @ q2`` has several exact backends (:data:`BACKENDS`):
+The core product ``q1 @ q2`` has several exact backends (``BACKENDS``):
 
 * ``"float32"``: float BLAS over the integer values, split along ``K`` so that every
   partial sum stays below 2^24 (every float32 integer up to 2^24 is exact, so the result is
@@ -33,6 +33,7 @@ import torch
 from ._checks import check_choice
 from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier
 
+#: The exact backends of :func:`integer_matmul`.
 BACKENDS = ("float32", "int_mm", "int64")
 FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2^24 is a float32
 

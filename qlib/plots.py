@@ -14,6 +14,7 @@ import numpy as np
 
 from ._checks import check_bits, check_choice, check_float, check_float_array
 from .affine import SCHEMES, as_float64_numpy, fake_quantize, qparams_from_range, qparams_from_tensor, sqnr_db
+from .fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
 BOOK_STYLE = {
     # Opaque white backgrounds, so figures stay readable on the book's dark theme.
@@ -155,3 +156,66 @@ def granularity_explorer(weights: dict, bits: int = 4):
         layer=widgets.Dropdown(options=list(weights), description="layer"),
         bits=widgets.IntSlider(value=check_bits(bits), min=2, max=8, description="bits"),
     )
+
+
+def draw_multiplier(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05, acc_range: int = 20000, ax=None):
+    """The fixed-point multiplier for ``M = S1 S2 / S3`` and its error on accumulators ``-acc_range..acc_range``.
+
+    Returns ``(figure, stats)``: ``M``, ``M0``, ``shift``, the relative error of ``M0 2^(shift-31)``
+    against ``M``, and the share of accumulators whose fixed-point result differs from
+    ``round(acc * M)`` computed exactly (round half away from zero).
+    """
+    for name, value in (("s1", s1), ("s2", s2), ("s3", s3)):
+        check_float(value, name, 0.0, low_open=True)
+    m = s1 * s2 / s3
+    m0, shift = quantize_multiplier(m)
+    acc = np.arange(-acc_range, acc_range + 1, dtype=np.int64)
+    fixed = multiply_by_quantized_multiplier(acc, m0, shift).astype(np.int64)
+    exact = acc * m
+    single = np.sign(exact) * np.floor(np.abs(exact) + 0.5)  # one rounding, half away from zero
+    stats = {"M": m, "M0": m0, "shift": shift, "rel_error": abs(m0 * 2.0 ** (shift - 31) - m) / m,
+             "differs": float(np.mean(fixed != single)), "max_diff": int(np.max(np.abs(fixed - single)))}
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
+    err = fixed - exact
+    ax.plot(acc, err, ".", ms=1, color="#4c72b0", label="fixed point - exact")
+    ax.plot(acc, single - exact, ".", ms=1, color="#dd8452", alpha=0.4, label="one rounding - exact")
+    ax.set(xlabel="int32 accumulator", ylabel="error (output LSB)")
+    ax.legend(fontsize=8, markerscale=8, loc="upper right")
+    ax.set_title(f"M = {m:.6g} = {m0} * 2^({shift} - 31); fixed point != one rounding for "
+                 f"{100 * stats['differs']:.3f} % of accumulators", fontsize=9)
+    return fig, stats
+
+
+def multiplier_explorer(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05):
+    """Sliders for S1, S2, S3 (log scale) over :func:`draw_multiplier`."""
+    import ipywidgets as widgets
+
+    def show(s1, s2, s3):
+        draw_multiplier(s1, s2, s3)
+        plt.show()
+
+    def slider(value, description):
+        return widgets.FloatLogSlider(value=value, base=10, min=-4, max=0, step=0.05, description=description,
+                                      readout_format=".4f")
+
+    return widgets.interactive(show, s1=slider(s1, "S1"), s2=slider(s2, "S2"), s3=slider(s3, "S3"))
+
+
+def draw_lsb_histogram(diffs: dict, ax=None, title: str = ""):
+    """Bar chart of how many outputs differ by 0, 1, 2, ... LSB, for each named comparison.
+
+    ``diffs`` maps a label to an integer tensor/array of absolute code differences.
+    Returns ``(figure, stats)`` with the share of exact outputs and the maximum per label.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
+    stats, width = {}, 0.8 / max(1, len(diffs))
+    for i, (label, d) in enumerate(diffs.items()):
+        d = as_float64_numpy(d.float() if hasattr(d, "float") else np.asarray(d, dtype=np.float64)).astype(np.int64)
+        counts = np.bincount(d.ravel())
+        stats[label] = {"exact": float(counts[0] / d.size), "max": int(d.max()),
+                        "within_1": float(counts[:2].sum() / d.size)}
+        ax.bar(np.arange(len(counts)) + i * width, counts / d.size, width=width, label=label)
+    ax.set_yscale("log")
+    ax.set(xlabel="|difference| in output codes (LSB)", ylabel="share of outputs", title=title)
+    ax.legend(fontsize=8)
+    return fig, stats

@@ -142,3 +142,11 @@ def test_bad_input(converted):
         engine.convert(nn.Linear(2, 2), [])
     with pytest.raises(ValueError, match="activation_dtype must be one of"):
         engine.convert(nn.Linear(2, 2), [torch.zeros(1, 2)], activation_dtype="int4")
+
+
+def test_each_operation_is_within_one_unit_of_exact_arithmetic(converted):
+    _, network, x = converted
+    errors = network.layer_errors(network.quantize_input(x))
+    assert set(errors) == {op.name for op in network.ops}
+    for name, error in errors.items():
+        assert error.max() <= 1, f"{name} is {error.max()} units off the exact requantization"
