@@ -2,11 +2,11 @@
 
 One module per chapter: :mod:`qlib.affine` (the affine map), :mod:`qlib.observers`
 (calibration and granularity), :mod:`qlib.fixedpoint` and :mod:`qlib.gemm` (integer matrix
-multiplication), :mod:`qlib.fold` and :mod:`qlib.engine` (a whole network in integers); shared parts: :mod:`qlib.data`, :mod:`qlib.models`,
-:mod:`qlib.train`, :mod:`qlib.plots`.
+multiplication), :mod:`qlib.fold` and :mod:`qlib.engine` (a whole network in integers).
+Shared parts: :mod:`qlib.data`, :mod:`qlib.models`, :mod:`qlib.train`, :mod:`qlib.plots`.
 """
 
-from . import affine, data, engine, fixedpoint, fold, gemm, models, observers, plots, train
+from . import affine, data, engine, fixedpoint, fold, gemm, models, observers, plots, train  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["affine", "data", "engine", "fixedpoint", "fold", "gemm", "models", "observers", "plots", "train",

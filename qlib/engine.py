@@ -104,7 +104,8 @@ class IntLayer(IntOp):
         w_scale = np.broadcast_to(self.w_qp.scale.astype(np.float64), (w.shape[0],))
         self.weight = torch.clamp(torch.round(w / torch.from_numpy(w_scale.copy()).reshape(-1, *[1] * (w.ndim - 1))),
                                   -_WEIGHT_BOUND, _WEIGHT_BOUND).to(torch.int8)
-        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        bias = (module.bias.detach().double() if module.bias is not None
+                else torch.zeros(w.shape[0], dtype=torch.float64))
         bias_scale = in_spec.scale * w_scale
         self.bias = torch.round(bias / torch.from_numpy(bias_scale)).to(torch.int32)
         shape = (-1,) if self.kind == "linear" else (1, -1) + (1,) * (w.ndim - 2)
@@ -531,8 +532,9 @@ def _check_supported(nodes, modules):
             continue
         if node.op == "call_method" and node.target == "flatten":
             continue
-        raise ValueError(f"unsupported operation {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
-                         "; the integer engine supports Conv1d/Conv2d/Linear/ReLU/ReLU6/pooling/Flatten/add")
+        target = getattr(node.target, "__name__", node.target)
+        raise ValueError(f"unsupported operation {node.name!r} ({node.op} {target}); the integer engine supports "
+                         "Conv1d/Conv2d/Linear/ReLU/ReLU6/pooling/Flatten/add")
 
 
 # ---------------------------------------------------------------- PyTorch's quantized engine -----
