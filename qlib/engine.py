@@ -247,7 +247,7 @@ class IntAvgPool(IntOp):
             if any(s != 1 for s in ((size,) if isinstance(size, int) else size)):
                 raise ValueError(f"layer {name!r}: only adaptive average pooling to size 1 is supported")
         else:
-            if module.padding not in (0, (0, 0)) or getattr(module, "ceil_mode", False):
+            if not _all_equal(module.padding, 0) or getattr(module, "ceil_mode", False):
                 raise ValueError(f"layer {name!r}: average pooling with padding or ceil_mode is not supported")
             if getattr(module, "divisor_override", None):
                 raise ValueError(f"layer {name!r}: divisor_override is not supported")
@@ -263,13 +263,7 @@ class IntAvgPool(IntOp):
         dims = centred.ndim - 2
         if self.adaptive:
             return centred.sum(dim=tuple(range(2, 2 + dims)), keepdim=True)
-        k, s = self.module.kernel_size, self.module.stride
-        k = (k,) * dims if isinstance(k, int) else k
-        s = (s,) * dims if isinstance(s, int) else s
-        out = centred
-        for d in range(dims):
-            out = out.unfold(2 + d, k[d], s[d])
-        return out.sum(dim=tuple(range(-dims, 0)))
+        return _pool_windows(centred, self.module).sum(dim=tuple(range(-dims, 0)))
 
     def forward(self, x, backend="float32"):
         n = self._window(x)
@@ -288,26 +282,31 @@ class IntMaxPool(IntOp):
 
     def __init__(self, name, inputs, module, spec: ActSpec):
         self.name, self.inputs, self.module, self.out = name, inputs, module, spec
-        if getattr(module, "padding", 0) not in (0, (0, 0)):
-            raise ValueError(f"layer {name!r}: max pooling with padding is not supported")
+        if not _all_equal(module.padding, 0) or not _all_equal(module.dilation, 1) or module.ceil_mode:
+            raise ValueError(f"layer {name!r}: max pooling with padding, dilation or ceil_mode is not supported")
 
     def forward(self, x, backend="float32"):
-        return _int_maxpool(x, self.module).to(self.out.dtype)
+        # torch's pooling kernels take no integer tensors: take the maximum over unfolded windows
+        return _pool_windows(x, self.module).amax(dim=tuple(range(-(x.ndim - 2), 0))).to(self.out.dtype)
 
     def simulate(self, x):
         return self.module(x)
 
 
-def _int_maxpool(x, module):
-    """Max pooling by unfolding windows (torch's pooling kernels do not take integer tensors)."""
+def _all_equal(value, expected) -> bool:
+    """Whether an int-or-tuple pooling argument is ``expected`` in every dimension."""
+    return all(v == expected for v in (value if isinstance(value, (tuple, list)) else (value,)))
+
+
+def _pool_windows(x, module):
+    """The pooling windows of ``x`` as trailing dimensions: ``(N, C, *out, *kernel)``."""
     dims = x.ndim - 2
     k, s = module.kernel_size, module.stride
     k = (k,) * dims if isinstance(k, int) else k
     s = (s,) * dims if isinstance(s, int) else s
-    out = x
     for d in range(dims):
-        out = out.unfold(2 + d, k[d], s[d])
-    return out.amax(dim=tuple(range(-dims, 0)))
+        x = x.unfold(2 + d, k[d], s[d])
+    return x
 
 
 class IntClamp(IntOp):

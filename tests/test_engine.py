@@ -150,3 +150,14 @@ def test_each_operation_is_within_one_unit_of_exact_arithmetic(converted):
     assert set(errors) == {op.name for op in network.ops}
     for name, error in errors.items():
         assert error.max() <= 1, f"{name} is {error.max()} units off the exact requantization"
+
+
+def test_average_pooling_with_a_window():
+    model = nn.Sequential(nn.Conv1d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool1d(4), nn.Flatten(), nn.Linear(15, 2))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 1, 20, generator=g)
+    network = engine.convert(model, [x])
+    for error in network.layer_errors(network.quantize_input(x)).values():
+        assert error.max() <= 1
+    with pytest.raises(ValueError, match="max pooling with padding, dilation or ceil_mode"):
+        engine.convert(nn.Sequential(nn.MaxPool2d(2, padding=1)), [torch.randn(1, 1, 4, 4)])
