@@ -1,0 +1,216 @@
+"""Quantization-aware training: quantized layers, ``prepare`` and calibration.
+
+:func:`prepare` swaps every ``Conv1d``, ``Conv2d`` and ``Linear`` of a float model for a quantized
+twin (:class:`QuantConv1d`, :class:`QuantConv2d`, :class:`QuantLinear`) that holds two quantizers
+from :mod:`qlib.quantizers`: one for its weights and one for its input activations. The forward
+pass then computes with fake-quantized weights and inputs, and the backward pass uses each
+quantizer's own gradient, so that ordinary training adapts the network to its grid.
+
+Weight and activation methods are named (``"ste"``, ``"lsq"``, ``"pact"``, ``"lsq+"``) or given
+as factories; the first and the last layer keep 8 bits by default, as the papers do.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_bits, check_bool
+from .quantizers import LSQ, PACT, LSQPlus, Quantizer, RangeFakeQuantizer
+
+WEIGHT_METHODS = ("ste", "lsq")
+ACT_METHODS = ("ste", "pact", "lsq", "lsq+")
+
+
+def weight_quantizer(method: str, bits: int, per_channel: bool = True) -> Quantizer:
+    """A weight quantizer: signed, symmetric, one scale per output channel by default.
+
+    ``"ste"``: the min/max of the current weights (narrow range), straight-through gradient
+    (Jacob et al.); ``"lsq"``: a learned step (Esser et al.).
+    """
+    axis = 0 if per_channel else None
+    if method == "ste":
+        return RangeFakeQuantizer(bits, signed=True, scheme="symmetric", narrow_range=True, axis=axis,
+                                  range="current")
+    if method == "lsq":
+        return LSQ(bits, signed=True, axis=axis)
+    raise ValueError(f"weight method must be one of {WEIGHT_METHODS}, got {method!r}")
+
+
+def act_quantizer(method: str, bits: int, signed: bool = False) -> Quantizer:
+    """An activation quantizer. ``signed`` inputs (e.g. standardised images) rule out PACT's ``[0, alpha]``.
+
+    ``"ste"``: moving-average min/max ranges, asymmetric (Jacob et al.); ``"pact"``: a learned
+    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset.
+    """
+    if method == "ste":
+        return RangeFakeQuantizer(bits, signed=signed, scheme="asymmetric", range="ema")
+    if method == "pact":
+        if signed:
+            return RangeFakeQuantizer(bits, signed=True, scheme="asymmetric", range="ema")
+        return PACT(bits)
+    if method == "lsq":
+        return LSQ(bits, signed=signed)
+    if method == "lsq+":
+        return LSQPlus(bits, signed=signed)
+    raise ValueError(f"act method must be one of {ACT_METHODS}, got {method!r}")
+
+
+class _QuantMixin:
+    """Holds the quantizers; ``weight_quantizer`` is required, ``input_quantizer`` may be None."""
+
+    def _attach(self, weight_q: Quantizer, input_q: Quantizer | None):
+        for name, q in (("weight_quantizer", weight_q), ("input_quantizer", input_q)):
+            if q is not None and not isinstance(q, Quantizer):
+                raise TypeError(f"{name} must be a qlib.quantizers.Quantizer, got {type(q).__name__}")
+        self.weight_quantizer = weight_q
+        self.input_quantizer = input_q
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def _quantize_input(self, x):
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantConv1d(_QuantMixin, nn.Conv1d):
+    """``Conv1d`` computing with fake-quantized weights and inputs."""
+
+    def forward(self, x):
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``Conv2d`` computing with fake-quantized weights and inputs."""
+
+    def forward(self, x):
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``Linear`` computing with fake-quantized weights and inputs."""
+
+    def forward(self, x):
+        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+_TWINS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def _quantized_twin(module: nn.Module, weight_q: Quantizer, input_q: Quantizer | None) -> nn.Module:
+    twin = _TWINS[type(module)].__new__(_TWINS[type(module)])
+    twin.__dict__.update(copy.deepcopy(module).__dict__)  # same parameters, hyper-parameters and hooks
+    twin._attach(weight_q, input_q)
+    return twin
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized conv/linear layers of a prepared model, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantMixin)]
+
+
+def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callable = "ste", bits: int = 4,
+            act_bits: int | None = None, first_last_bits: int | None = 8, per_channel: bool = True,
+            example_input: torch.Tensor | None = None) -> nn.Module:
+    """A copy of ``model`` whose conv and linear layers quantize their weights and inputs.
+
+    Parameters
+    ----------
+    weight, act : str or callable
+        Method names (see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS`) or factories
+        ``weight(bits, module) -> Quantizer`` and ``act(bits, signed) -> Quantizer``.
+    bits, act_bits : int
+        Weight and activation bit widths (``act_bits`` defaults to ``bits``).
+    first_last_bits : int or None
+        Bit width of the first and last layer (weights and inputs); ``None`` treats them like
+        the others.
+    example_input : tensor, optional
+        A batch used to find which layers see negative inputs (those get signed activation
+        codes). Without it, only the first layer's input is taken as signed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    bits = check_bits(bits)
+    act_bits = bits if act_bits is None else check_bits(act_bits, "act_bits")
+    edge_bits = None if first_last_bits is None else check_bits(first_last_bits, "first_last_bits")
+    check_bool(per_channel, "per_channel")
+    make_weight = weight if callable(weight) else (lambda b, m: weight_quantizer(weight, b, per_channel))
+    make_act = act if callable(act) else (lambda b, signed: act_quantizer(act, b, signed))
+    if not callable(weight) and weight not in WEIGHT_METHODS:
+        raise ValueError(f"weight must be one of {WEIGHT_METHODS} or a callable, got {weight!r}")
+    if not callable(act) and act not in ACT_METHODS:
+        raise ValueError(f"act must be one of {ACT_METHODS} or a callable, got {act!r}")
+
+    prepared = copy.deepcopy(model)
+    targets = [(n, m) for n, m in prepared.named_modules() if type(m) in _TWINS]
+    if not targets:
+        raise ValueError("model has no Conv1d, Conv2d or Linear layer to quantize")
+    signed_inputs = _signed_inputs(prepared, targets, example_input)
+    for i, (name, module) in enumerate(targets):
+        edge = edge_bits is not None and i in (0, len(targets) - 1)
+        w_bits, a_bits = (edge_bits, edge_bits) if edge else (bits, act_bits)
+        twin = _quantized_twin(module, make_weight(w_bits, module), make_act(a_bits, signed_inputs[name]))
+        _set_submodule(prepared, name, twin)
+    return prepared
+
+
+def _signed_inputs(model, targets, example_input) -> dict[str, bool]:
+    if example_input is None:
+        return {name: i == 0 for i, (name, _) in enumerate(targets)}
+    minima = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: minima.__setitem__(name, args[0].min().item()))
+             for name, m in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {name: minima.get(name, 0.0) < 0 for name, _ in targets}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> nn.Module:
+    """Set the quantizers' ranges from data without training (post-training quantization).
+
+    The network stays in eval mode (batch norms use their running statistics) while the
+    quantizers observe ``batches`` as in training; LSQ/LSQ+ initialise their steps on the first
+    batch. Returns ``model``.
+    """
+    model.eval()
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    if not quantizers:
+        raise ValueError("model has no quantizers: prepare() it first")
+    for q in quantizers:
+        q.train()
+    seen = False
+    for batch in batches:
+        model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        seen = True
+    model.eval()
+    if not seen:
+        raise ValueError("batches was empty")
+    return model
+
+
+def set_quantization(model: nn.Module, weights: bool | None = None, activations: bool | None = None) -> nn.Module:
+    """Switch weight and/or activation quantizers on or off (e.g. to delay activation quantization)."""
+    for _, layer in quantized_layers(model):
+        if weights is not None:
+            layer.weight_quantizer.enabled = check_bool(weights, "weights")
+        if activations is not None and layer.input_quantizer is not None:
+            layer.input_quantizer.enabled = check_bool(activations, "activations")
+    return model

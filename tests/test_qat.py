@@ -1,0 +1,113 @@
+"""Quantization-aware training: prepare, calibrate, train, save and load."""
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import data, models, qat
+from qlib.quantizers import LSQ, PACT, RangeFakeQuantizer
+from qlib.train import TrainConfig, evaluate, seed_everything, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits()
+
+
+def small_cnn(seed=0):
+    seed_everything(seed)
+    return models.MnistCNN(widths=(8, 16))
+
+
+def test_prepare_swaps_every_layer_and_keeps_the_weights(digits):
+    model = small_cnn()
+    prepared = qat.prepare(model, "lsq", "lsq", bits=3, example_input=digits.x_train[:64])
+    layers = qat.quantized_layers(prepared)
+    originals = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == len(originals)
+    for (_, q), m in zip(layers, originals):
+        assert torch.equal(q.weight, m.weight)
+    bits = [(q.weight_quantizer.bits, q.input_quantizer.bits) for _, q in layers]
+    assert bits[0] == (8, 8) and bits[-1] == (8, 8) and all(b == (3, 3) for b in bits[1:-1])
+    assert layers[0][1].input_quantizer.signed  # standardised images are negative somewhere
+    assert not any(q.input_quantizer.signed for _, q in layers[1:])  # ReLU outputs are not
+    assert not any(isinstance(m, qat.QuantConv2d) for m in model.modules())  # original untouched
+
+
+def test_quantized_layer_computes_with_fake_quantized_tensors():
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    prepared = qat.prepare(nn.Sequential(layer), "ste", "ste", bits=4, first_last_bits=None)
+    q = prepared[0]
+    x = torch.randn(2, 2, 5, 5)
+    q.train()
+    out = q(x)
+    expected = nn.functional.conv2d(q.input_quantizer(x), q.weight_quantizer(layer.weight), layer.bias, padding=1)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_quantization_aware_training_lowers_the_loss(digits):
+    prepared = qat.prepare(small_cnn(), "lsq", "lsq", bits=3, example_input=digits.x_train[:64])
+    history = train(prepared, digits, TrainConfig(epochs=4, batch_size=32, lr=1e-2), seed=0, progress=False)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert history[-1]["test_acc"] > 60
+    steps = [q.weight_quantizer.step for _, q in qat.quantized_layers(prepared)]
+    assert all((s > 0).all() for s in steps)
+
+
+def test_calibrate_sets_ranges_without_changing_weights(digits):
+    prepared = qat.prepare(small_cnn(), "ste", "ste", bits=4, example_input=digits.x_train[:64])
+    before = [p.clone() for p in prepared.parameters()]
+    qat.calibrate(prepared, [digits.x_train[:100], (digits.x_train[100:200], None)])
+    assert all(torch.equal(a, b) for a, b in zip(before, prepared.parameters()))
+    for _, q in qat.quantized_layers(prepared):
+        assert torch.isfinite(q.input_quantizer.max_val).all()
+    assert 0 <= evaluate(prepared, digits) <= 100
+
+
+def test_set_quantization_and_state_dict_roundtrip(digits, tmp_path):
+    prepared = qat.prepare(small_cnn(), "lsq", "pact", bits=4, example_input=digits.x_train[:64])
+    x = digits.x_test[:16]
+    prepared.eval()
+    out = prepared(x)
+    torch.save(prepared.state_dict(), tmp_path / "qat.pt")
+    fresh = qat.prepare(small_cnn(1), "lsq", "pact", bits=4, example_input=digits.x_train[:64])
+    fresh.load_state_dict(torch.load(tmp_path / "qat.pt", weights_only=True))
+    fresh.eval()
+    assert torch.allclose(fresh(x), out)
+    qat.set_quantization(fresh, weights=False, activations=False)
+    float_model = small_cnn()
+    float_model.load_state_dict({k: v for k, v in prepared.state_dict().items() if "quantizer" not in k})
+    assert torch.allclose(fresh(x), float_model.eval()(x), atol=1e-5)
+
+
+def test_mismatched_quantizers_are_refused_on_load(digits):
+    lsq = qat.prepare(small_cnn(), "lsq", "lsq", bits=4, example_input=digits.x_train[:64])
+    lsq(digits.x_train[:8])
+    pact = qat.prepare(small_cnn(), "ste", "pact", bits=4, example_input=digits.x_train[:64])
+    with pytest.raises(RuntimeError, match="Unexpected key|Missing key"):
+        pact.load_state_dict(lsq.state_dict())
+
+
+def test_custom_factories():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    prepared = qat.prepare(model, weight=lambda b, m: LSQ(b, signed=True), act=lambda b, s: PACT(b, alpha=2.0),
+                           bits=2, first_last_bits=None)
+    assert isinstance(prepared[0].weight_quantizer, LSQ) and isinstance(prepared[2].input_quantizer, PACT)
+    assert prepared[2].input_quantizer.bits == 2
+
+
+def test_bad_input():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="weight must be one of"):
+        qat.prepare(model, weight="apot")
+    with pytest.raises(ValueError, match="act must be one of"):
+        qat.prepare(model, act="dsq")
+    with pytest.raises(ValueError, match="bits must be in \\[2, 16\\]"):
+        qat.prepare(model, bits=1)
+    with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):
+        qat.prepare(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="model has no quantizers"):
+        qat.calibrate(model, [torch.zeros(1, 2)])
+    with pytest.raises(TypeError, match="weight_quantizer must be a qlib.quantizers.Quantizer"):
+        qat.prepare(model, weight=lambda b, m: nn.Identity())
+    assert isinstance(qat.act_quantizer("pact", 4, signed=True), RangeFakeQuantizer)
