@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._checks import check_bool, check_choice
-from .affine import qparams_from_tensor
+from .affine import qparams_from_tensor, quantize
 from .fixedpoint import FixedPointMultiplier
 from .fold import fold_batchnorm
 from .gemm import FLOAT32_EXACT, quantized_matmul
@@ -47,7 +47,8 @@ from .observers import MinMaxObserver, Observer
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 ENGINE_BACKENDS = ("float32", "int")
-_WEIGHT_BOUND = 127  # narrow-range int8 weights
+_WEIGHT_BOUND = 127  # narrow-range int8 weights (the engine's own choice)
+_WEIGHT_MAX = 128  # the largest |code| a trained quantizer may export (int8)
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _PASS = (nn.Identity, nn.Dropout)
@@ -96,20 +97,47 @@ class IntOp:
 class IntLayer(IntOp):
     """Conv1d/Conv2d/Linear with int8 weights, int32 bias, fixed-point requantization and a fused clamp."""
 
-    def __init__(self, name, inputs, module, in_spec: ActSpec, out_spec: ActSpec, activation, per_channel):
+    def __init__(self, name, inputs, module, in_spec: ActSpec, out_spec: ActSpec, activation, per_channel,
+                 weight_codes: torch.Tensor | None = None, weight_scale: np.ndarray | None = None):
         self.name, self.inputs, self.out, self.inp = name, inputs, out_spec, in_spec
         self.kind = "linear" if isinstance(module, nn.Linear) else f"conv{module.weight.ndim - 2}d"
         w = module.weight.detach().double()
-        self.w_qp = qparams_from_tensor(w, 8, "symmetric", True, True, axis=0 if per_channel else None)
-        w_scale = np.broadcast_to(self.w_qp.scale.astype(np.float64), (w.shape[0],))
-        self.weight = torch.clamp(torch.round(w / torch.from_numpy(w_scale.copy()).reshape(-1, *[1] * (w.ndim - 1))),
-                                  -_WEIGHT_BOUND, _WEIGHT_BOUND).to(torch.int8)
+        exported = weight_codes is not None
+        if weight_codes is None:  # 8-bit symmetric narrow-range weights from the float weights
+            w_qp = qparams_from_tensor(w, 8, "symmetric", True, True, axis=0 if per_channel else None)
+            w_scale = np.broadcast_to(w_qp.scale.astype(np.float64), (w.shape[0],))
+            scale_shape = (-1, *[1] * (w.ndim - 1))
+            weight_codes = torch.clamp(torch.round(w / torch.from_numpy(w_scale.copy()).reshape(scale_shape)),
+                                       -_WEIGHT_BOUND, _WEIGHT_BOUND)
+        else:  # codes and per-channel scales exported by a trained weight quantizer
+            w_scale = np.broadcast_to(np.asarray(weight_scale, dtype=np.float64), (w.shape[0],))
+            if weight_codes.shape != w.shape or weight_codes.abs().max() > 128:
+                raise ValueError(f"layer {name!r}: weight codes must match the weights' shape and fit int8")
+        self.weight = weight_codes.to(torch.int8)
         bias = (module.bias.detach().double() if module.bias is not None
                 else torch.zeros(w.shape[0], dtype=torch.float64))
-        bias_scale = in_spec.scale * w_scale
-        self.bias = torch.round(bias / torch.from_numpy(bias_scale)).to(torch.int32)
+        # The bias lives in the accumulator, at scale S_in * S_w / 2^k. The paper's scheme is k = 0. For
+        # weights exported by a trained low-bit quantizer S_in * S_w is coarse (a 2-bit layer's step can be
+        # half the size of a typical bias), so those layers keep the bias 2^k times finer and shift the
+        # accumulator left by k bits, with k as large as the int32 worst case allows (at most 16).
+        self.bias_shift = 0
+        if exported:
+            k_terms = int(np.prod(weight_codes.shape[1:]))
+            worst = k_terms * (in_spec.qmax - in_spec.qmin) * int(weight_codes.abs().max()) + float(
+                (bias.abs() / torch.from_numpy(in_spec.scale * w_scale)).max()) + 1
+            while self.bias_shift < 16 and worst * 2 ** (self.bias_shift + 1) < 2**31 - 1:
+                self.bias_shift += 1
+        bias_scale = in_spec.scale * w_scale / 2**self.bias_shift
+        bias_codes = torch.round(bias / torch.from_numpy(bias_scale))
+        if bias_codes.abs().max() >= 2**31:
+            raise ValueError(f"layer {name!r}: the bias does not fit int32 at scale S_in * S_w (a weight scale is "
+                             f"tiny: {w_scale.min():.3g}); retrain or re-initialise that quantizer")
+        self.bias = bias_codes.to(torch.int32)
         shape = (-1,) if self.kind == "linear" else (1, -1) + (1,) * (w.ndim - 2)
-        self.requant = FixedPointMultiplier.from_reals(bias_scale / out_spec.scale, shape)
+        # A multiplier below 2^-32 sends every int32 accumulator to 0 (|acc| M < 1/2); so does 2^-32 itself,
+        # which quantize_multiplier accepts: flooring there is exact.
+        multipliers = np.maximum(bias_scale / out_spec.scale, 2.0**-32)
+        self.requant = FixedPointMultiplier.from_reals(multipliers, shape)
         self.w_scale, self.bias_scale = torch.from_numpy(w_scale.copy()), torch.from_numpy(bias_scale)
         self.lo, self.hi = _clamp_bounds(out_spec, activation)
         if self.kind != "linear":
@@ -122,16 +150,17 @@ class IntLayer(IntOp):
 
     # -- the integer path ------------------------------------------------------------
     def accumulate(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """The int32 accumulator ``sum (x - Zx) w + bias`` for codes ``x``, shaped like the output."""
+        """The int32 accumulator ``2^k sum (x - Zx) w + bias`` for codes ``x``, shaped like the output."""
         if self.kind == "linear":
-            acc = quantized_matmul(x, self.inp.zero_point, self.weight.t(), 0, self.bias,
+            acc = quantized_matmul(x, self.inp.zero_point, self.weight.t(), 0, None,
                                    "float32" if backend == "float32" else "int_mm")
-            return acc
-        if backend == "float32":
+        elif backend == "float32":
             acc = self._conv_float32(x)
         else:
             acc = self._conv_int(x)
         shape = [1, -1] + [1] * (acc.ndim - 2)
+        if self.bias_shift:  # int64 only for the shift; the bound above keeps the result in int32 range
+            return (acc.to(torch.int64) << self.bias_shift) + self.bias.reshape(shape)
         return acc + self.bias.reshape(shape)
 
     def _conv_fn(self):
@@ -141,7 +170,7 @@ class IntLayer(IntOp):
         # Centre the codes (int16), then let the float conv kernel sum products of integers. Every
         # partial sum is an integer below 2^24 in magnitude (checked), so float32 holds it exactly.
         centred = (x.to(torch.int16) - self.inp.zero_point).to(torch.float32)
-        per_input = int(np.prod(self.weight.shape[2:])) * 255 * _WEIGHT_BOUND
+        per_input = int(np.prod(self.weight.shape[2:])) * 255 * _WEIGHT_MAX
         cin_per_group = self.weight.shape[1]
         chunk = max(1, (FLOAT32_EXACT - 1) // per_input)
         conv = self._conv_fn()
@@ -323,6 +352,25 @@ class IntClamp(IntOp):
         return self.out.fake_quantize(x, self.lo, self.hi)
 
 
+class IntRequantize(IntOp):
+    """Move codes from one grid to another: ``Z_out + M (q - Z_in)`` with ``M = S_in / S_out``.
+
+    Needed where a trained quantizer expects its input on a grid other than the one the
+    producing operation writes (e.g. after pooling, before a quantized classifier).
+    """
+
+    def __init__(self, name, inputs, inp: ActSpec, out: ActSpec):
+        self.name, self.inputs, self.inp, self.out = name, inputs, inp, out
+        self.requant = FixedPointMultiplier.from_reals(inp.scale / out.scale)
+
+    def forward(self, x, backend="float32"):
+        scaled = self.requant.apply_unchecked(x.to(torch.int64) - self.inp.zero_point)
+        return (scaled + self.out.zero_point).clamp(self.out.qmin, self.out.qmax).to(self.out.dtype)
+
+    def simulate(self, x):
+        return self.out.fake_quantize(x.double()).float()
+
+
 class IntFlatten(IntOp):
     def __init__(self, name, inputs, spec: ActSpec, start_dim=1):
         self.name, self.inputs, self.out, self.start_dim = name, inputs, spec, start_dim
@@ -441,9 +489,21 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if not batches:
         raise ValueError("calibration must hold at least one batch")
-    gm = fx.symbolic_trace(fold_batchnorm(model))
+    folded, factors = fold_batchnorm(model, return_factors=True)
+    gm = fx.GraphModule(folded, _Tracer().trace(folded))
     modules = dict(gm.named_modules())
     _check_supported(list(gm.graph.nodes), modules)
+    exported = {}  # QAT layers: integer weight codes and scales, batch norm folded in
+    for target, module in modules.items():
+        codes, scale = _exported_weights(model, target, factors) if hasattr(module, "weight_quantizer") else (None, None)
+        if codes is not None:
+            exported[target] = (codes, scale)
+            # Calibrate the folded copy with exactly the weights the engine will use (its weight quantizer
+            # learned the unfolded weights' grid and must not re-quantize the folded ones).
+            with torch.no_grad():
+                shape = (-1,) + (1,) * (codes.ndim - 1)
+                module.weight.copy_(codes.to(module.weight.dtype) * torch.from_numpy(scale).reshape(shape))
+            module.weight_quantizer.enabled = False
     for node in list(gm.graph.nodes):  # folded batch norms became Identity: drop them so ReLUs fuse
         if node.op == "call_module" and isinstance(modules[node.target], _PASS):
             node.replace_all_uses_with(node.args[0])
@@ -461,10 +521,25 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
             recorder.run(x)
     signed = activation_dtype == "int8"
     act_bits = 7 if check_bool(reduce_range, "reduce_range") else 8
+    by_name = {n.name: n for n in nodes}
+    wanted = _exported_input_grids(nodes, modules)  # tensor name -> {consumer name: spec} (QAT models)
 
     def spec(name):
+        grids = wanted.get(name, {})
+        if grids and len(set(grids.values())) == 1 and len(grids) == len(by_name[name].users):
+            return next(iter(grids.values()))  # every consumer is a trained quantizer with this grid
         qp = observers[name].qparams(act_bits, "asymmetric", signed)
         return ActSpec(float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax, torch.int8 if signed else torch.uint8)
+
+    def input_for(node, source):
+        """The name of ``source``'s codes on the grid ``node`` expects, adding a requantization if needed."""
+        target = wanted.get(node.args[0].name, {}).get(node.name)
+        if target is None or target == specs[source]:
+            return source
+        op = IntRequantize(f"{node.name}_input", [source], specs[source], target)
+        ops.append(op)
+        specs[op.name] = target
+        return op.name
 
     fused = {}  # relu node name -> the node whose op absorbed it
     alias = {}  # node name -> the name whose codes it shares
@@ -494,7 +569,9 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
         activation = _activation_of(follower, modules) if follower is not None else None
         out_name = follower.name if activation else node.name
         if isinstance(module, (*_CONVS, nn.Linear)):
-            op = IntLayer(node.name, ins, module, specs[ins[0]], spec(out_name), activation, per_channel)
+            ins = [input_for(node, ins[0])]
+            codes, scale = exported.get(node.target, (None, None))
+            op = IntLayer(node.name, ins, module, specs[ins[0]], spec(out_name), activation, per_channel, codes, scale)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
             op = IntAdd(node.name, ins, specs[ins[0]], specs[ins[1]], spec(out_name), activation)
         elif _activation_of(node, modules):
@@ -515,6 +592,56 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
         specs[node.name] = op.out
         ops.append(op)
     return IntegerNetwork(ops, input_name, specs[input_name], output_name)
+
+
+class _Tracer(fx.Tracer):
+    """Treats qlib's quantized layers as single operations, like the torch.nn layers they replace."""
+
+    def is_leaf_module(self, m, qualname):
+        from .qat import _QuantMixin
+
+        return isinstance(m, _QuantMixin) or super().is_leaf_module(m, qualname)
+
+
+def _active_quantizer(module, attribute):
+    q = getattr(module, attribute, None)
+    return q if q is not None and q.enabled else None
+
+
+def _exported_input_grids(nodes, modules) -> dict[str, dict[str, ActSpec]]:
+    """For a QAT model: the grid each quantized layer's input quantizer expects, keyed by the input tensor."""
+    grids = {}
+    for node in nodes:
+        q = _active_quantizer(modules.get(node.target), "input_quantizer") if node.op == "call_module" else None
+        if q is not None:
+            qp = q.qparams()
+            grids.setdefault(node.args[0].name, {})[node.name] = ActSpec(
+                float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax, torch.int8 if qp.signed else torch.uint8)
+    return grids
+
+
+def _exported_weights(model, target, factors):
+    """Integer weight codes and per-channel scales from a trained weight quantizer, batch norm folded in.
+
+    Folding multiplies channel c by f_c = gamma / sigma. On the trained grid that is exact:
+    ``f (s round(W / s)) = (|f| s) (sign(f) round(W / s))``. Returns ``(None, None)`` for layers
+    without an active weight quantizer (the engine then quantizes the folded float weights).
+    """
+    original = model.get_submodule(target)
+    q = _active_quantizer(original, "weight_quantizer")
+    if q is None:
+        return None, None
+    with torch.no_grad():
+        q(original.weight)  # refresh a range computed from the current weights
+    qp = q.qparams()
+    weight = original.weight.detach()
+    codes = torch.as_tensor(quantize(weight, qp), dtype=torch.int64)
+    scale = np.broadcast_to(qp.scale.astype(np.float64), (weight.shape[0],)).copy()
+    if target in factors:
+        f = factors[target].double()
+        codes = codes * torch.sign(f).to(torch.int64).reshape(-1, *[1] * (codes.ndim - 1))
+        scale = scale * f.abs().numpy()
+    return codes, scale
 
 
 def _check_supported(nodes, modules):

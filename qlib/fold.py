@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -23,17 +24,21 @@ _CONVS = (nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, return_factors: bool = False):
     """A copy of ``model`` (in eval mode) with every batch norm folded into the convolution before it.
 
     A batch norm counts as "after" a convolution when it is the next child of the same
     parent module (``Sequential(conv, bn, relu)``, or ``conv1`` then ``bn1`` in a block);
     it is replaced by ``nn.Identity``. A batch norm that follows no convolution raises
     ``ValueError``, since leaving it in float would break an integer-only network.
+
+    With ``return_factors=True`` also returns ``{conv name: gamma / sqrt(var + eps)}``, the
+    per-channel factor each folded convolution's weights were multiplied by.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     folded = copy.deepcopy(model).eval()
+    factors = {}
     for parent_name, parent in folded.named_modules():
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
@@ -45,4 +50,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 raise ValueError(f"batch norm {where!r} does not follow a convolution; cannot fold it")
             setattr(parent, children[i - 1][0], fuse_conv_bn_eval(previous, child))
             setattr(parent, name, nn.Identity())
-    return folded
+            conv_name = f"{parent_name}.{children[i - 1][0]}" if parent_name else children[i - 1][0]
+            factors[conv_name] = (child.weight / torch.sqrt(child.running_var + child.eps)).detach()
+    return (folded, factors) if return_factors else folded

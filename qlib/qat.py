@@ -22,7 +22,9 @@ from torch import nn
 from ._checks import check_bits, check_bool
 from .quantizers import LSQ, PACT, LSQPlus, Quantizer, RangeFakeQuantizer
 
+#: Weight quantization methods known by name to :func:`prepare`.
 WEIGHT_METHODS = ("ste", "lsq")
+#: Activation quantization methods known by name to :func:`prepare`.
 ACT_METHODS = ("ste", "pact", "lsq", "lsq+")
 
 
@@ -120,15 +122,15 @@ def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callabl
 
     Parameters
     ----------
-    weight, act : str or callable
-        Method names (see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS`) or factories
+    weight, act : str
+        Method names (see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS`), or instead factories
         ``weight(bits, module) -> Quantizer`` and ``act(bits, signed) -> Quantizer``.
     bits, act_bits : int
         Weight and activation bit widths (``act_bits`` defaults to ``bits``).
     first_last_bits : int or None
         Bit width of the first and last layer (weights and inputs); ``None`` treats them like
         the others.
-    example_input : tensor, optional
+    example_input : torch.Tensor, optional
         A batch used to find which layers see negative inputs (those get signed activation
         codes). Without it, only the first layer's input is taken as signed.
     """

@@ -51,7 +51,7 @@ def test_quantization_aware_training_lowers_the_loss(digits):
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
     assert history[-1]["test_acc"] > 60
     steps = [q.weight_quantizer.step for _, q in qat.quantized_layers(prepared)]
-    assert all((s > 0).all() for s in steps)
+    assert all(torch.isfinite(s).all() for s in steps)
 
 
 def test_calibrate_sets_ranges_without_changing_weights(digits):
@@ -111,3 +111,29 @@ def test_bad_input():
     with pytest.raises(TypeError, match="weight_quantizer must be a qlib.quantizers.Quantizer"):
         qat.prepare(model, weight=lambda b, m: nn.Identity())
     assert isinstance(qat.act_quantizer("pact", 4, signed=True), RangeFakeQuantizer)
+
+
+# At 2 bits one code is a third of the range: a single rounding difference (the engine's fixed point
+# against torch.round's ties-to-even) flips more decisions, hence the lower bar.
+@pytest.mark.parametrize("weight, act, bits, min_agreement", [("lsq", "lsq", 4, 0.95), ("ste", "pact", 4, 0.95),
+                                                              ("lsq", "lsq", 2, 0.9)])
+def test_a_trained_qat_model_converts_to_the_integer_engine(digits, weight, act, bits, min_agreement):
+    from qlib import engine
+    from qlib.train import accuracy
+
+    prepared = qat.prepare(small_cnn(), weight, act, bits=bits, example_input=digits.x_train[:64])
+    qat.calibrate(prepared, [digits.x_train[:200]])
+    history = train(prepared, digits, TrainConfig(epochs=5, batch_size=32, lr=1e-2), seed=0, progress=False)
+    assert history[-1]["test_acc"] > 50  # a model that learned something, so its logits are not near ties
+    prepared.eval()
+    network = engine.convert(prepared, [digits.x_train[:200]])
+    inner = [op for op in network.layers()][1:-1]
+    assert all(int(op.weight.abs().max()) <= 2 ** (bits - 1) for op in inner)  # the trained low-bit grid
+    for error in network.layer_errors(network.quantize_input(digits.x_test)).values():
+        assert error.max() <= 1
+    with torch.no_grad():
+        fake_quant = prepared(digits.x_test)
+    integer = network(digits.x_test)
+    agreement = (fake_quant.argmax(1) == integer.argmax(1)).float().mean().item()
+    assert agreement >= min_agreement
+    assert abs(accuracy(integer, digits.y_test) - accuracy(fake_quant, digits.y_test)) <= 3.0

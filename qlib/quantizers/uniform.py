@@ -117,7 +117,7 @@ class LSQ(Quantizer):
     ``y = round(clamp(x / s, Qn, Qp)) * s``, with the STE through ``round``. The gradient with
     respect to ``s`` is ``-x/s + round(x/s)`` inside the range and ``Qn`` or ``Qp`` outside, scaled
     by ``g = 1 / sqrt(N * Qp)`` (``N``: elements per step). ``s`` is initialised on the first
-    batch to ``2 mean|x| / sqrt(Qp)`` and kept positive. ``axis`` gives one step per channel.
+    batch to ``2 mean|x| / sqrt(Qp)``; the step used is ``|s|`` (see :meth:`positive_step`). ``axis`` gives one step per channel.
     """
 
     MIN_STEP = 1e-8
@@ -127,6 +127,11 @@ class LSQ(Quantizer):
         self.axis = None if axis is None else check_int(axis, "axis", 0)
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+
+    def positive_step(self) -> torch.Tensor:
+        """``|s|`` floored at ``MIN_STEP``: an optimizer step that overshoots below zero flips the sign
+        of the parameter but not of the step, and the gradient keeps flowing (a clamp would freeze it)."""
+        return self.step.abs().clamp(min=self.MIN_STEP)
 
     def _qn_qp(self):
         return self.code_range
@@ -156,13 +161,13 @@ class LSQ(Quantizer):
             self._initialize(x)
         qn, qp = self._qn_qp()
         g = 1.0 / math.sqrt(self._elements_per_step(x) * qp)
-        step = scale_gradient(self.step.clamp(min=self.MIN_STEP), g).reshape(self._shape(x))
+        step = scale_gradient(self.positive_step(), g).reshape(self._shape(x))
         return round_ste(torch.clamp(x / step, qn, qp)) * step
 
     def qparams(self) -> QuantParams:
         if not bool(self.initialized):
             raise ValueError("LSQ has not been initialised: call it on a tensor first")
-        step = self.step.detach().clamp(min=self.MIN_STEP).double().numpy()
+        step = self.positive_step().detach().double().numpy()
         return QuantParams(step, np.zeros(step.shape, dtype=np.int32), self.bits, self.signed, False, self.axis)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -198,7 +203,7 @@ class LSQPlus(LSQ):
             self._initialize(x)
         qn, qp = self._qn_qp()
         g = 1.0 / math.sqrt(x.numel() * qp)
-        step = scale_gradient(self.step.clamp(min=self.MIN_STEP), g)
+        step = scale_gradient(self.positive_step(), g)
         offset = scale_gradient(self.offset, g)
         return round_ste(torch.clamp((x - offset) / step, qn, qp)) * step + offset
 
@@ -208,13 +213,13 @@ class LSQPlus(LSQ):
         if not bool(self.initialized):
             raise ValueError("LSQPlus has not been initialised: call it on a tensor first")
         qmin, qmax = self.code_range
-        step = self.step.clamp(min=self.MIN_STEP)
+        step = self.positive_step()
         return torch.arange(qmin, qmax + 1, dtype=step.dtype) * step + self.offset
 
     def qparams(self) -> QuantParams:
         if not bool(self.initialized):
             raise ValueError("LSQPlus has not been initialised: call it on a tensor first")
-        step = float(self.step.detach().clamp(min=self.MIN_STEP))
+        step = float(self.positive_step().detach())
         qmin, qmax = self.code_range
         zero_point = int(min(max(round(-float(self.offset.detach()) / step), qmin), qmax))
         return QuantParams(step, zero_point, self.bits, self.signed, False, None)
