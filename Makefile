@@ -24,6 +24,7 @@ unit: setup  ## the fast tests only (no book build, no browser)
 bench: setup  ## benchmark tables (ratios measured side by side in one process)
 	$(PY) bench/quantize.py
 	$(PY) bench/engine.py
+	$(PY) bench/qat_overhead.py
 	$(PY) bench/float_baselines.py
 
 setup: $(SETUP_DONE) $(WEB_DONE)

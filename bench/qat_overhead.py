@@ -1,0 +1,79 @@
+"""Training-step time of quantization-aware training, relative to float training.
+
+Same model (MnistCNN), same batch, same optimizer, measured side by side in one process:
+float training, qlib QAT (STE ranges and LSQ, 4-bit) and PyTorch's own eager-mode QAT
+(torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig). Prints ratios only
+(lower is faster).
+
+    python bench/qat_overhead.py
+"""
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from qlib import data, qat
+from qlib.models import MnistCNN
+
+
+def step_seconds(model, x, y, repeats, warmup=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_ao_qat(model):
+    import torch.ao.quantization as tq
+
+    model = copy.deepcopy(model).train()
+    model.qconfig = tq.get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tq.prepare_qat(model)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dataset = data.load_mnist5k()
+    x, y = dataset.x_train[:args.batch], dataset.y_train[:args.batch]
+    model = MnistCNN()
+    contenders = {
+        "float32": copy.deepcopy(model),
+        "qlib QAT, STE ranges (W4A4)": qat.prepare(model, "ste", "ste", bits=4, example_input=x),
+        "qlib QAT, LSQ (W4A4)": qat.prepare(model, "lsq", "lsq", bits=4, example_input=x),
+        "torch.ao QAT, FakeQuantize (8-bit)": torch_ao_qat(model),
+    }
+    times = {name: step_seconds(m, x, y, args.repeats) for name, m in contenders.items()}
+    print(f"training step, batch {args.batch}: time relative to float32 training (lower is faster)")
+    for name, t in times.items():
+        print(f"{name:>36} | {t / times['float32']:.2f}x")
+    ao = times["torch.ao QAT, FakeQuantize (8-bit)"]
+    for name in ("qlib QAT, STE ranges (W4A4)", "qlib QAT, LSQ (W4A4)"):
+        print(f"{name:>36} | {times[name] / ao:.2f}x the torch.ao QAT step")
+
+
+if __name__ == "__main__":
+    main()
