@@ -489,13 +489,21 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if not batches:
         raise ValueError("calibration must hold at least one batch")
+    from .qat import QuantConvBn
+
     folded, factors = fold_batchnorm(model, return_factors=True)
+    for name, module in list(folded.named_modules()):
+        if isinstance(module, QuantConvBn):  # batch norm folded during training: take its inference form
+            parent_name, _, child = name.rpartition(".")
+            setattr(folded.get_submodule(parent_name) if parent_name else folded, child, module.to_quantized_conv())
     gm = fx.GraphModule(folded, _Tracer().trace(folded))
     modules = dict(gm.named_modules())
     _check_supported(list(gm.graph.nodes), modules)
     exported = {}  # QAT layers: integer weight codes and scales, batch norm folded in
     for target, module in modules.items():
-        codes, scale = _exported_weights(model, target, factors) if hasattr(module, "weight_quantizer") else (None, None)
+        if not hasattr(module, "weight_quantizer"):
+            continue
+        codes, scale = _exported_weights(model, target, factors)
         if codes is not None:
             exported[target] = (codes, scale)
             # Calibrate the folded copy with exactly the weights the engine will use (its weight quantizer
@@ -631,10 +639,11 @@ def _exported_weights(model, target, factors):
     q = _active_quantizer(original, "weight_quantizer")
     if q is None:
         return None, None
+    # a QuantConvBn quantized its folded weights during training; other layers their own weights
+    weight = original.folded()[0].detach() if hasattr(original, "folded") else original.weight.detach()
     with torch.no_grad():
-        q(original.weight)  # refresh a range computed from the current weights
+        q(weight)  # refresh a range computed from the current weights
     qp = q.qparams()
-    weight = original.weight.detach()
     codes = torch.as_tensor(quantize(weight, qp), dtype=torch.int64)
     scale = np.broadcast_to(qp.scale.astype(np.float64), (weight.shape[0],)).copy()
     if target in factors:

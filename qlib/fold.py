@@ -40,6 +40,8 @@ def fold_batchnorm(model: nn.Module, return_factors: bool = False):
     folded = copy.deepcopy(model).eval()
     factors = {}
     for parent_name, parent in folded.named_modules():
+        if getattr(parent, "folds_batchnorm_in_training", False):
+            continue  # qlib.qat.QuantConvBn folds its own batch norm
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
             if not isinstance(child, _NORMS):

@@ -103,6 +103,89 @@ class QuantLinear(_QuantMixin, nn.Linear):
 _TWINS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
+class QuantConvBn(nn.Module):
+    """A convolution with its batch norm folded in *during* training (Jacob et al. 2018, sec. 3.2).
+
+    At inference the batch norm is folded into the weights, so training should quantize the folded
+    weights ``W gamma / sigma``, not ``W``. With the correction of Krishnamoorthi (2018, sec. 3.2.1):
+
+    * the weights are folded with the *running* ``sigma`` and quantized: ``Wq = Q(W gamma / sigma)``;
+    * in training, before the statistics are frozen, the batch statistics ``mu_B, sigma_B`` of
+      ``conv(x, W)`` (an extra float convolution) normalise the output, and the factor
+      ``sigma / sigma_B`` corrects the weights to what batch normalisation would have used:
+      ``y = conv(x, Wq) sigma / sigma_B + beta - gamma mu_B / sigma_B`` (``mu_B`` of ``conv(x, W)``:
+      batch normalisation cancels the convolution's own bias);
+    * after :meth:`freeze_statistics` (late in training) the running statistics are used, exactly
+      the folded network that inference runs: ``y = conv(x, Wq) + beta - gamma (mu - b) / sigma``.
+
+    The running statistics are updated from the batch statistics like ``nn.BatchNorm`` does.
+    """
+
+    folds_batchnorm_in_training = True  # qlib.fold.fold_batchnorm leaves the pair inside alone
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, weight_q: Quantizer, input_q: Quantizer | None):
+        super().__init__()
+        if type(conv) not in (nn.Conv1d, nn.Conv2d) or not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise TypeError("QuantConvBn needs a Conv1d/Conv2d and the BatchNorm1d/BatchNorm2d after it")
+        self.conv, self.bn = copy.deepcopy(conv), copy.deepcopy(bn)
+        for name, q in (("weight_quantizer", weight_q), ("input_quantizer", input_q)):
+            if q is not None and not isinstance(q, Quantizer):
+                raise TypeError(f"{name} must be a qlib.quantizers.Quantizer, got {type(q).__name__}")
+        self.weight_quantizer, self.input_quantizer = weight_q, input_q
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def freeze_statistics(self, frozen: bool = True) -> QuantConvBn:
+        """Stop updating (and start using) the running statistics."""
+        self.frozen.fill_(check_bool(frozen, "frozen"))
+        return self
+
+    def _shape(self):
+        return (1, -1) + (1,) * (self.conv.weight.ndim - 2)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded float weights and bias with the running statistics (what inference uses)."""
+        bn, conv = self.bn, self.conv
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        factor = bn.weight / sigma
+        weight = conv.weight * factor.reshape((-1,) + (1,) * (conv.weight.ndim - 1))
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        return weight, bn.bias + (conv_bias - bn.running_mean) * factor
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.folded()[0])
+
+    @torch.no_grad()
+    def to_quantized_conv(self) -> nn.Module:
+        """The inference form: a quantized convolution holding the folded weights and bias."""
+        weight, bias = self.folded()
+        conv = copy.deepcopy(self.conv)
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(bias.detach().clone())
+        return _quantized_twin(conv, copy.deepcopy(self.weight_quantizer), copy.deepcopy(self.input_quantizer))
+
+    def forward(self, x):
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        bn, conv = self.bn, self.conv
+        weight_q = self.quantized_weight()
+        if not self.training or bool(self.frozen):
+            return conv._conv_forward(x, weight_q, self.folded()[1])
+        sigma_running = torch.sqrt(bn.running_var + bn.eps)  # the sigma the weights were folded with
+        raw = conv._conv_forward(x, conv.weight, None)  # batch statistics of the float convolution
+        dims = [0] + list(range(2, raw.ndim))
+        mean, var = raw.mean(dims), raw.var(dims, unbiased=False)
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        with torch.no_grad():  # as nn.BatchNorm: the statistics of conv(x, W) + b, unbiased variance
+            n = raw.numel() // raw.shape[1]
+            bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * (mean + conv_bias).detach())
+            bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var.detach() * n / max(n - 1, 1))
+            bn.num_batches_tracked += 1
+        sigma_batch = torch.sqrt(var + bn.eps)
+        # batch normalisation subtracts the batch mean of conv(x, W) + b, so the conv bias cancels
+        y = conv._conv_forward(x, weight_q, None) * (sigma_running.detach() / sigma_batch).reshape(self._shape())
+        return y + (bn.bias - bn.weight * mean / sigma_batch).reshape(self._shape())
+
+
 def _quantized_twin(module: nn.Module, weight_q: Quantizer, input_q: Quantizer | None) -> nn.Module:
     twin = _TWINS[type(module)].__new__(_TWINS[type(module)])
     twin.__dict__.update(copy.deepcopy(module).__dict__)  # same parameters, hyper-parameters and hooks
@@ -111,13 +194,21 @@ def _quantized_twin(module: nn.Module, weight_q: Quantizer, input_q: Quantizer |
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The quantized conv/linear layers of a prepared model, in definition order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantMixin)]
+    """The quantized conv/linear layers (and conv + batch norm pairs) of a prepared model, in order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (_QuantMixin, QuantConvBn))]
+
+
+def freeze_batchnorm_statistics(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Freeze (or unfreeze) the statistics of every :class:`QuantConvBn`, as Jacob et al. do late in training."""
+    for m in model.modules():
+        if isinstance(m, QuantConvBn):
+            m.freeze_statistics(frozen)
+    return model
 
 
 def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callable = "ste", bits: int = 4,
             act_bits: int | None = None, first_last_bits: int | None = 8, per_channel: bool = True,
-            example_input: torch.Tensor | None = None) -> nn.Module:
+            example_input: torch.Tensor | None = None, fold_bn: bool = False) -> nn.Module:
     """A copy of ``model`` whose conv and linear layers quantize their weights and inputs.
 
     Parameters
@@ -133,6 +224,9 @@ def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callabl
     example_input : torch.Tensor, optional
         A batch used to find which layers see negative inputs (those get signed activation
         codes). Without it, only the first layer's input is taken as signed.
+    fold_bn : bool
+        Replace each convolution followed by a batch norm with a :class:`QuantConvBn` that
+        trains with the folded, quantized weights (Jacob et al., sec. 3.2).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -155,9 +249,27 @@ def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callabl
     for i, (name, module) in enumerate(targets):
         edge = edge_bits is not None and i in (0, len(targets) - 1)
         w_bits, a_bits = (edge_bits, edge_bits) if edge else (bits, act_bits)
-        twin = _quantized_twin(module, make_weight(w_bits, module), make_act(a_bits, signed_inputs[name]))
-        _set_submodule(prepared, name, twin)
+        weight_q, input_q = make_weight(w_bits, module), make_act(a_bits, signed_inputs[name])
+        bn_name = _following_batchnorm(prepared, name) if check_bool(fold_bn, "fold_bn") else None
+        if bn_name is not None:
+            _set_submodule(prepared, name, QuantConvBn(module, prepared.get_submodule(bn_name), weight_q, input_q))
+            _set_submodule(prepared, bn_name, nn.Identity())
+        else:
+            _set_submodule(prepared, name, _quantized_twin(module, weight_q, input_q))
     return prepared
+
+
+def _following_batchnorm(model: nn.Module, name: str) -> str | None:
+    """The name of the batch norm that is the next sibling of the convolution ``name``, if any."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    children = list(parent.named_children())
+    names = [n for n, _ in children]
+    i = names.index(child)
+    if isinstance(children[i][1], (nn.Conv1d, nn.Conv2d)) and i + 1 < len(children) and isinstance(
+            children[i + 1][1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return f"{parent_name}.{names[i + 1]}" if parent_name else names[i + 1]
+    return None
 
 
 def _signed_inputs(model, targets, example_input) -> dict[str, bool]:

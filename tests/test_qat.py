@@ -137,3 +137,72 @@ def test_a_trained_qat_model_converts_to_the_integer_engine(digits, weight, act,
     agreement = (fake_quant.argmax(1) == integer.argmax(1)).float().mean().item()
     assert agreement >= min_agreement
     assert abs(accuracy(integer, digits.y_test) - accuracy(fake_quant, digits.y_test)) <= 3.0
+
+
+def conv_bn_pair(seed=0):
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return conv, bn
+
+
+def test_conv_bn_folding_in_training_matches_batch_norm_without_quantization():
+    conv, bn = conv_bn_pair()
+    fused = qat.QuantConvBn(conv, bn, qat.weight_quantizer("ste", 8), None)
+    fused.weight_quantizer.enabled = False
+    reference = nn.Sequential(copy_of(conv), copy_of(bn)).train()
+    fused.train()
+    x = torch.randn(8, 3, 6, 6)
+    assert torch.allclose(fused(x), reference(x), atol=1e-5)  # batch statistics plus the correction
+    assert torch.allclose(fused.bn.running_mean, reference[1].running_mean, atol=1e-6)
+    assert torch.allclose(fused.bn.running_var, reference[1].running_var, atol=1e-5)
+    fused.freeze_statistics()
+    reference.eval()
+    assert torch.allclose(fused(x), reference(x), atol=1e-5)  # frozen: the folded inference network
+    fused.eval()
+    assert torch.allclose(fused(x), reference(x), atol=1e-5)
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def test_conv_bn_quantizes_the_folded_weights_and_trains():
+    conv, bn = conv_bn_pair(1)
+    fused = qat.QuantConvBn(conv, bn, qat.weight_quantizer("ste", 4), None).eval()
+    x = torch.randn(4, 3, 5, 5)
+    weight, bias = fused.folded()
+    levels_per_channel = [len(torch.unique(fused.quantized_weight()[c])) for c in range(4)]
+    assert max(levels_per_channel) <= 15  # 4-bit narrow grid on the *folded* weights
+    expected = nn.functional.conv2d(x, fused.weight_quantizer(weight), bias, padding=1)
+    assert torch.allclose(fused(x), expected, atol=1e-6)
+    fused.train()
+    fused(x).square().mean().backward()
+    assert fused.conv.weight.grad is not None and fused.bn.weight.grad is not None and fused.bn.bias.grad is not None
+
+
+def test_prepare_with_fold_bn_and_export(digits):
+    from qlib import engine, fold
+
+    model = small_cnn()
+    prepared = qat.prepare(model, "ste", "ste", bits=4, example_input=digits.x_train[:64], fold_bn=True)
+    kinds = [type(m).__name__ for _, m in qat.quantized_layers(prepared)]
+    assert kinds.count("QuantConvBn") == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    train(prepared, digits, TrainConfig(epochs=3, batch_size=32, lr=1e-2), seed=0, progress=False)
+    qat.freeze_batchnorm_statistics(prepared)
+    prepared.eval()
+    assert any(isinstance(m, qat.QuantConvBn) for m in fold.fold_batchnorm(prepared).modules())  # left alone
+    network = engine.convert(prepared, [digits.x_train[:200]])
+    for error in network.layer_errors(network.quantize_input(digits.x_test)).values():
+        assert error.max() <= 1
+    with torch.no_grad():
+        agreement = (prepared(digits.x_test).argmax(1) == network(digits.x_test).argmax(1)).float().mean()
+    assert agreement >= 0.95
+    with pytest.raises(TypeError, match="QuantConvBn needs a Conv1d/Conv2d"):
+        qat.QuantConvBn(nn.Linear(2, 2), nn.BatchNorm1d(2), qat.weight_quantizer("ste", 4), None)

@@ -117,7 +117,8 @@ class LSQ(Quantizer):
     ``y = round(clamp(x / s, Qn, Qp)) * s``, with the STE through ``round``. The gradient with
     respect to ``s`` is ``-x/s + round(x/s)`` inside the range and ``Qn`` or ``Qp`` outside, scaled
     by ``g = 1 / sqrt(N * Qp)`` (``N``: elements per step). ``s`` is initialised on the first
-    batch to ``2 mean|x| / sqrt(Qp)``; the step used is ``|s|`` (see :meth:`positive_step`). ``axis`` gives one step per channel.
+    batch to ``2 mean|x| / sqrt(Qp)``; the step used is ``|s|`` (see :meth:`positive_step`).
+    ``axis`` gives one step per channel.
     """
 
     MIN_STEP = 1e-8
