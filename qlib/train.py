@@ -114,13 +114,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
-          progress: bool | None = None, desc: str | None = None, device: str = "cpu") -> list[dict]:
+          progress: bool | None = None, desc: str | None = None, device: str = "cpu",
+          on_epoch_start=None) -> list[dict]:
     """Train ``model`` on ``data`` with cross-entropy; return one record per epoch.
 
     Each record holds ``epoch``, ``loss`` (mean training loss), ``train_acc`` (running
     accuracy over the epoch's batches) and ``test_acc``. ``progress=None`` shows a tqdm bar
     unless ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains;
-    the data stay in memory on the CPU and move batch by batch.
+    the data stay in memory on the CPU and move batch by batch. ``on_epoch_start(epoch, model)``,
+    if given, runs before each epoch (1-based): e.g. to switch on activation quantization after a
+    delay or to freeze batch-norm statistics late in training.
     """
     _check_model(model)
     if not isinstance(data, Dataset):
@@ -138,6 +141,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
     history = []
     bar = tqdm(range(1, config.epochs + 1), desc=desc or type(model).__name__, disable=not progress, unit="epoch")
     for epoch in bar:
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, model)
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         for x, y in data.train_batches(config.batch_size, generator):

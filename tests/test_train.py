@@ -101,3 +101,11 @@ def test_divergence_is_reported(digits):
         model[1].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="training diverged"):
         train.train(model, digits, FAST, progress=False)
+
+
+def test_on_epoch_start_runs_before_each_epoch(digits):
+    calls = []
+    model = small_cnn()
+    train.train(model, digits, train.TrainConfig(epochs=2, batch_size=256), progress=False,
+                on_epoch_start=lambda epoch, m: calls.append((epoch, m is model)))
+    assert calls == [(1, True), (2, True)]
