@@ -47,14 +47,17 @@ def act_quantizer(method: str, bits: int, signed: bool = False) -> Quantizer:
     """An activation quantizer. ``signed`` inputs (e.g. standardised images) rule out PACT's ``[0, alpha]``.
 
     ``"ste"``: moving-average min/max ranges, asymmetric (Jacob et al.); ``"pact"``: a learned
-    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset.
+    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset. The learned
+    parameters are set from the first batch the quantizer sees (:func:`calibrate`): LSQ as its
+    paper does, LSQ+ and PACT at the least-squared-error clipping range, which suits fine-tuning a
+    trained network (for PACT from scratch, pass a factory with the paper's fixed ``alpha=10``).
     """
     if method == "ste":
         return RangeFakeQuantizer(bits, signed=signed, scheme="asymmetric", range="ema")
     if method == "pact":
         if signed:
             return RangeFakeQuantizer(bits, signed=True, scheme="asymmetric", range="ema")
-        return PACT(bits)
+        return PACT(bits, alpha=None)
     if method == "lsq":
         return LSQ(bits, signed=signed)
     if method == "lsq+":

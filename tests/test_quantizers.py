@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlib import affine
-from qlib.quantizers import LSQ, PACT, LSQPlus, RangeFakeQuantizer, round_ste, scale_gradient
+from qlib.quantizers import LSQ, PACT, LSQPlus, RangeFakeQuantizer, mse_clip_range, round_ste, scale_gradient
 
 
 def test_round_ste_and_scale_gradient():
@@ -110,21 +110,78 @@ def test_lsq_step_stays_positive_and_per_channel():
 
 def test_lsq_plus_offset_gradient():
     x = torch.tensor([0.0, 0.5, 1.0, 2.0, 10.0])
-    q = LSQPlus(bits=2, signed=False)
+    q = LSQPlus(bits=2, signed=False, init="minmax")
     q(x)  # init: step = 10 / 3, offset = 0
     assert q.step.item() == pytest.approx(10 / 3) and q.offset.item() == pytest.approx(0.0)
     with torch.no_grad():
         q.step.fill_(1.0)
-        q.offset.fill_(-0.5)  # grid {-0.5, 0.5, 1.5, 2.5}
+        q.offset.fill_(-0.8)  # used as a whole step: Z = round(0.8) = 1, grid {-1, 0, 1, 2}
+    assert q.levels().tolist() == [-1.0, 0.0, 1.0, 2.0] and q.qparams().zero_point == 1
     xr = torch.tensor([-3.0, 0.4, 1.6, 9.0], requires_grad=True)
     y = q(xr)
-    assert y.tolist() == pytest.approx([-0.5, 0.5, 1.5, 2.5])
+    assert y.tolist() == pytest.approx([-1.0, 0.0, 2.0, 2.0])
     y.sum().backward()
     g = 1 / math.sqrt(4 * 3)
     # d y / d offset: 0 inside the range (the offset cancels), 1 where clamped
     assert q.offset.grad.item() == pytest.approx(2 * g)
     assert xr.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
-    assert int(q.qparams().zero_point) == 0 or q.qparams().zero_point >= 0
+
+
+def relu_with_outliers():
+    # ReLU-like data with two large values: covering them wastes a 2-bit grid
+    x = torch.relu(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    x[:2] = 8.0
+    return x
+
+
+def test_mse_clip_range_is_the_least_error_candidate():
+    x = relu_with_outliers()
+    lo, hi = mse_clip_range(x, bits=2)
+    # brute force over the same candidates a * [0, 8], from the formula of a 4-level grid
+    errors = {a: ((torch.round(torch.clamp(x / (a * 8 / 3), 0, 3)) * (a * 8 / 3) - x) ** 2).mean().item()
+              for a in torch.linspace(0.01, 1.0, 100).tolist()}
+    best = min(errors, key=errors.get)
+    assert lo.item() == 0.0 and hi.item() == pytest.approx(best * 8, rel=1e-5)
+    assert errors[best] < errors[1.0] / 5
+    # more bits: less clipping pays
+    assert mse_clip_range(x, bits=6)[1] > hi
+    # signed, asymmetric data: both ends scale together
+    z = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    lo, hi = mse_clip_range(z * torch.sigmoid(z), bits=3)
+    assert lo < 0 < hi
+    with pytest.raises(TypeError, match="x must be a non-empty floating-point"):
+        mse_clip_range(torch.arange(4), bits=2)
+    with pytest.raises(ValueError, match="x must be finite"):
+        mse_clip_range(torch.tensor([1.0, float("nan")]), bits=2)
+    with pytest.raises(ValueError, match="bits must be in"):
+        mse_clip_range(x, bits=1)
+
+
+def test_lsq_plus_and_pact_initialise_from_the_least_error_range():
+    x = relu_with_outliers()
+    mse, minmax = LSQPlus(bits=2, signed=False), LSQPlus(bits=2, signed=False, init="minmax")
+    mse(x), minmax(x)
+    _, hi = mse_clip_range(x, bits=2)
+    assert mse.step.item() == pytest.approx(hi.item() / 3) and mse.offset.item() == pytest.approx(0.0, abs=1e-7)
+    assert minmax.step.item() == pytest.approx(8 / 3)
+    assert ((mse(x) - x) ** 2).mean() < ((minmax(x) - x) ** 2).mean() / 5
+    z = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    swish = LSQPlus(bits=3, signed=False)
+    swish(z * torch.sigmoid(z))
+    assert swish.offset.item() < 0  # the grid starts below zero
+    pact = PACT(bits=2, alpha=None)  # set on the first batch
+    with pytest.raises(ValueError, match="PACT has not been initialised"):
+        pact.qparams()
+    pact(x)
+    assert pact.alpha.item() == pytest.approx(hi.item())
+    before = pact.alpha.item()
+    pact(x * 3)  # only the first batch initialises
+    assert pact.alpha.item() == before
+    fresh = PACT(bits=2, alpha=None)
+    fresh.load_state_dict(pact.state_dict())
+    assert bool(fresh.initialized) and fresh.alpha.item() == before
+    with pytest.raises(ValueError, match="init must be one of"):
+        LSQPlus(bits=2, init="percentile")
 
 
 @pytest.mark.parametrize("make", [lambda b: RangeFakeQuantizer(b, range="current"), lambda b: PACT(b),

@@ -10,10 +10,12 @@ tensor with the method's own gradient, and which reports what the integer engine
 
 Methods: :class:`RangeFakeQuantizer` (Jacob et al.'s min/max or moving-average ranges with the
 straight-through estimator), :class:`PACT` (learned activation clipping), :class:`LSQ` (learned
-step size) and :class:`LSQPlus` (learned step and offset).
+step size) and :class:`LSQPlus` (learned step and offset); :func:`mse_clip_range` initialises
+the learned ranges.
 """
 
 from .base import Quantizer
-from .uniform import LSQ, PACT, LSQPlus, RangeFakeQuantizer, round_ste, scale_gradient
+from .uniform import LSQ, PACT, LSQPlus, RangeFakeQuantizer, mse_clip_range, round_ste, scale_gradient
 
-__all__ = ["Quantizer", "RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "round_ste", "scale_gradient"]
+__all__ = ["Quantizer", "RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "mse_clip_range", "round_ste",
+           "scale_gradient"]

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int
-from ..affine import SCHEMES, QuantParams, qparams_from_range
+from .._checks import check_bits, check_bool, check_choice, check_float, check_int
+from ..affine import SCHEMES, QuantParams, qparams_from_range, qrange
 from .base import Quantizer
 
 RANGE_MODES = ("current", "ema")
@@ -31,6 +31,36 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def scale_gradient(x: torch.Tensor, g: float) -> torch.Tensor:
     """``x`` forward, gradient times ``g`` backward."""
     return x * g + (x - x * g).detach()
+
+
+def mse_clip_range(x: torch.Tensor, bits: int, signed: bool = False, candidates: int = 100,
+                   max_samples: int = 2**16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range ``a * [min(x, 0), max(x, 0)]``, ``a`` in ``(0, 1]``, whose uniform grid of
+    ``2^bits`` levels (offset not rounded to an integer) quantizes ``x`` with the least squared error.
+
+    Narrowing the range trades clipping error for rounding error; the best trade depends on the
+    bit width. Used to initialise LSQ+ (as its paper proposes) and PACT's clip for fine-tuning.
+    Larger tensors are subsampled with an even stride to ``max_samples`` values.
+    (:class:`qlib.observers.MSEObserver` makes the same search for calibration, with integer
+    zero-points.) Returns ``(lo, hi)`` as 0-d tensors.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        raise TypeError("x must be a non-empty floating-point torch.Tensor")
+    qmin, qmax = qrange(check_bits(bits), check_bool(signed, "signed"))
+    candidates = check_int(candidates, "candidates", 1)
+    max_samples = check_int(max_samples, "max_samples", 1)
+    flat = x.detach().reshape(-1).float()
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("x must be finite")
+    if flat.numel() > max_samples:
+        flat = flat[:: flat.numel() // max_samples]
+    fractions = torch.linspace(1.0 / candidates, 1.0, candidates)
+    lo, hi = fractions * flat.min().clamp(max=0), fractions * flat.max().clamp(min=0)
+    steps = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)[:, None]
+    offsets = lo[:, None] - qmin * steps
+    quantized = torch.round(torch.clamp((flat - offsets) / steps, qmin, qmax)) * steps + offsets
+    best = int(torch.argmin(((quantized - flat) ** 2).mean(dim=1)))
+    return lo[best], hi[best]
 
 
 class RangeFakeQuantizer(Quantizer):
@@ -95,19 +125,31 @@ class PACT(Quantizer):
     Backward (STE through the rounding): ``dy/dx = 1`` for ``0 <= x < alpha`` else 0, and
     ``dy/dalpha = 1`` for ``x >= alpha`` else 0. Add an L2 penalty on ``alpha`` through the
     optimizer's weight decay, as the paper does.
+
+    ``alpha``: the initial clipping level (the paper trains from scratch with 10), or ``None`` to
+    set it on the first batch to the least-squared-error clip (:func:`mse_clip_range`), which
+    suits fine-tuning a trained network (from scratch, early activations say little about later ones).
     """
 
-    def __init__(self, bits: int = 4, alpha: float = 6.0):
+    def __init__(self, bits: int = 4, alpha: float | None = 10.0):
         super().__init__(bits, signed=False)
-        self.alpha = nn.Parameter(torch.tensor(check_float(alpha, "alpha", 0.0, low_open=True)))
+        start = 1.0 if alpha is None else check_float(alpha, "alpha", 0.0, low_open=True)
+        self.alpha = nn.Parameter(torch.tensor(start))
+        self.register_buffer("initialized", torch.tensor(alpha is not None))
 
     def quantize(self, x):
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.alpha.fill_(mse_clip_range(x.clamp(min=0), self.bits)[1].clamp(min=1e-6))
+                self.initialized.fill_(True)
         alpha = self.alpha.clamp(min=1e-6)
         clipped = torch.where(x < alpha, torch.relu(x), alpha)  # gradient to alpha exactly where x >= alpha
         step = alpha.detach() / (2**self.bits - 1)
         return clipped + (torch.round(clipped.detach() / step) * step - clipped).detach()
 
     def qparams(self) -> QuantParams:
+        if not bool(self.initialized):
+            raise ValueError("PACT has not been initialised: call it on a tensor first, or give alpha")
         return qparams_from_range(0.0, float(self.alpha.detach().clamp(min=1e-6)), self.bits, "asymmetric", False)
 
 
@@ -180,20 +222,28 @@ class LSQ(Quantizer):
 class LSQPlus(LSQ):
     """LSQ+ (Bhalgat et al. 2020): LSQ with a learned offset ``beta`` for asymmetric activations.
 
-    ``y = round(clamp((x - beta) / s, Qn, Qp)) * s + beta``; ``s`` and ``beta`` are initialised
-    from the first batch's min and max (``s = (max - min) / (Qp - Qn)``, ``beta = min - Qn s``)
-    and both gradients are scaled by ``g``. For export the offset is rounded to an integer
-    zero-point ``Z = round(-beta / s)``.
+    ``y = (round(clamp(x / s + Z, Qn, Qp)) - Z) * s`` with the zero-point ``Z = round(-beta / s)``:
+    the learned offset ``beta`` is used as a whole number of steps, so that 0 stays exact and the
+    integer engine computes the same grid (the paper keeps ``beta`` real). With the STE through
+    both roundings, ``dy/dbeta`` is 0 inside the range and 1 where clipped, ``dy/ds`` is LSQ's, and
+    both gradients are scaled by ``g``.
+    ``s`` and ``beta`` are initialised on the first batch. ``init="mse"`` (the paper's proposal)
+    searches the clipping range ``a * [min, max]``, ``a`` in ``(0, 1]``, with the least mean squared
+    quantization error; ``init="minmax"`` covers the whole batch range, ``s = (max - min) / (Qp - Qn)``
+    and ``beta = min - Qn s``, which at 2 bits wastes most of the grid on rare large values.
     """
 
-    def __init__(self, bits: int = 4, signed: bool = False):
+    INITS = ("mse", "minmax")
+
+    def __init__(self, bits: int = 4, signed: bool = False, init: str = "mse"):
         super().__init__(bits, signed, axis=None)
+        self.init = check_choice(init, "init", self.INITS)
         self.offset = nn.Parameter(torch.tensor(0.0))
 
     @torch.no_grad()
     def _initialize(self, x):
         qn, qp = self._qn_qp()
-        lo, hi = x.min(), x.max()
+        lo, hi = mse_clip_range(x, self.bits, self.signed) if self.init == "mse" else (x.min(), x.max())
         step = ((hi - lo) / (qp - qn)).clamp(min=self.MIN_STEP)
         self.step = nn.Parameter(step.to(x.dtype))
         self.offset = nn.Parameter((lo - qn * step).to(x.dtype))
@@ -206,21 +256,27 @@ class LSQPlus(LSQ):
         g = 1.0 / math.sqrt(x.numel() * qp)
         step = scale_gradient(self.positive_step(), g)
         offset = scale_gradient(self.offset, g)
-        return round_ste(torch.clamp((x - offset) / step, qn, qp)) * step + offset
+        # The offset is used as a whole number of steps (the zero-point), so that 0 stays exactly
+        # representable and the integer engine computes the same grid; the STE passes the offset's
+        # gradient through the rounding.
+        zero_point = torch.clamp(round_ste(-offset / step), qn, qp)
+        return (round_ste(torch.clamp(x / step + zero_point, qn, qp)) - zero_point) * step
+
+    def _zero_point(self) -> int:
+        qmin, qmax = self.code_range
+        return int(min(max(round(-float(self.offset.detach()) / float(self.positive_step().detach())), qmin), qmax))
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
-        """``s * q + beta`` for every code ``q``: the learned offset need not be a whole step."""
+        """``s * (q - Z)`` for every code ``q``, with the zero-point ``Z = round(-beta / s)``."""
         if not bool(self.initialized):
             raise ValueError("LSQPlus has not been initialised: call it on a tensor first")
         qmin, qmax = self.code_range
         step = self.positive_step()
-        return torch.arange(qmin, qmax + 1, dtype=step.dtype) * step + self.offset
+        return (torch.arange(qmin, qmax + 1, dtype=step.dtype) - self._zero_point()) * step
 
     def qparams(self) -> QuantParams:
         if not bool(self.initialized):
             raise ValueError("LSQPlus has not been initialised: call it on a tensor first")
-        step = float(self.positive_step().detach())
-        qmin, qmax = self.code_range
-        zero_point = int(min(max(round(-float(self.offset.detach()) / step), qmin), qmax))
-        return QuantParams(step, zero_point, self.bits, self.signed, False, None)
+        return QuantParams(float(self.positive_step().detach()), self._zero_point(), self.bits, self.signed, False,
+                           None)
