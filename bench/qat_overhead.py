@@ -2,8 +2,8 @@
 
 Same model (MnistCNN), same batch, same optimizer, measured side by side in one process:
 float training, qlib QAT (STE ranges and LSQ, 4-bit) and PyTorch's own eager-mode QAT
-(torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig). Prints ratios only
-(lower is faster).
+(torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig), taking turns step by
+step. Prints ratios of median step times only (lower is faster).
 
     python bench/qat_overhead.py
 """
@@ -21,7 +21,7 @@ from qlib import data, qat
 from qlib.models import MnistCNN
 
 
-def step_seconds(model, x, y, repeats, warmup=3):
+def make_step(model, x, y):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -31,14 +31,23 @@ def step_seconds(model, x, y, repeats, warmup=3):
         loss_fn(model(x), y).backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
+    return step
+
+
+def step_seconds(models: dict, x, y, repeats, warmup=3) -> dict:
+    """Median step time of each model; the models take turns, so that a slow spell of the
+    machine hits all of them alike instead of whichever happened to be running."""
+    steps = {name: make_step(m, x, y) for name, m in models.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def torch_ao_qat(model):
@@ -54,7 +63,7 @@ def torch_ao_qat(model):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
     torch.manual_seed(0)
     dataset = data.load_mnist5k()
@@ -66,7 +75,7 @@ def main():
         "qlib QAT, LSQ (W4A4)": qat.prepare(model, "lsq", "lsq", bits=4, example_input=x),
         "torch.ao QAT, FakeQuantize (8-bit)": torch_ao_qat(model),
     }
-    times = {name: step_seconds(m, x, y, args.repeats) for name, m in contenders.items()}
+    times = step_seconds(contenders, x, y, args.repeats)
     print(f"training step, batch {args.batch}: time relative to float32 training (lower is faster)")
     for name, t in times.items():
         print(f"{name:>36} | {t / times['float32']:.2f}x")
