@@ -6,8 +6,9 @@ from :mod:`qlib.quantizers`: one for its weights and one for its input activatio
 pass then computes with fake-quantized weights and inputs, and the backward pass uses each
 quantizer's own gradient, so that ordinary training adapts the network to its grid.
 
-Weight and activation methods are named (``"ste"``, ``"lsq"``, ``"pact"``, ``"lsq+"``) or given
-as factories; the first and the last layer keep 8 bits by default, as the papers do.
+Weight and activation methods are named (``"ste"``, ``"lsq"``, ``"pact"``, ``"lsq+"``, ``"dsq"``,
+``"daq"``, ``"ewgs"``, ``"apot"``, ``"apot+ewgs"``) or given as factories; the first and the last
+layer keep 8 bits by default, as the papers do.
 """
 
 from __future__ import annotations
@@ -20,26 +21,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_bits, check_bool
-from .quantizers import LSQ, PACT, LSQPlus, Quantizer, RangeFakeQuantizer
+from .quantizers import DAQ, DSQ, EWGS, LSQ, PACT, APoT, LSQPlus, Quantizer, RangeFakeQuantizer
+from .quantizers.apot import APOT_BITS
 
 #: Weight quantization methods known by name to :func:`prepare`.
-WEIGHT_METHODS = ("ste", "lsq")
+WEIGHT_METHODS = ("ste", "lsq", "dsq", "daq", "ewgs", "apot", "apot+ewgs")
 #: Activation quantization methods known by name to :func:`prepare`.
-ACT_METHODS = ("ste", "pact", "lsq", "lsq+")
+ACT_METHODS = ("ste", "pact", "lsq", "lsq+", "dsq", "daq", "ewgs", "apot", "apot+ewgs")
+#: The methods that share LSQ's learned uniform grid and differ in the gradient of its rounding.
+_STEPPED = {"lsq": LSQ, "dsq": DSQ, "daq": DAQ, "ewgs": EWGS}
 
 
 def weight_quantizer(method: str, bits: int, per_channel: bool = True) -> Quantizer:
     """A weight quantizer: signed, symmetric, one scale per output channel by default.
 
     ``"ste"``: the min/max of the current weights (narrow range), straight-through gradient
-    (Jacob et al.); ``"lsq"``: a learned step (Esser et al.).
+    (Jacob et al.); ``"lsq"``: a learned step (Esser et al.); ``"dsq"``, ``"daq"``, ``"ewgs"``: LSQ's
+    grid with those methods' gradients for the rounding; ``"apot"``: additive powers of two with a
+    learned clip, per tensor, ``"apot+ewgs"`` with EWGS's gradient (bit widths APoT does not cover,
+    such as the 8-bit first and last layers, get LSQ).
     """
     axis = 0 if per_channel else None
     if method == "ste":
         return RangeFakeQuantizer(bits, signed=True, scheme="symmetric", narrow_range=True, axis=axis,
                                   range="current")
-    if method == "lsq":
-        return LSQ(bits, signed=True, axis=axis)
+    if method in _STEPPED:
+        return _STEPPED[method](bits, signed=True, axis=axis)
+    if method in ("apot", "apot+ewgs"):
+        if bits - 1 not in APOT_BITS:  # the 8-bit first and last layers stay uniform, as in the paper
+            return LSQ(bits, signed=True, axis=axis)
+        return APoT(bits, signed=True, ewgs=method == "apot+ewgs")
     raise ValueError(f"weight method must be one of {WEIGHT_METHODS}, got {method!r}")
 
 
@@ -47,7 +58,9 @@ def act_quantizer(method: str, bits: int, signed: bool = False) -> Quantizer:
     """An activation quantizer. ``signed`` inputs (e.g. standardised images) rule out PACT's ``[0, alpha]``.
 
     ``"ste"``: moving-average min/max ranges, asymmetric (Jacob et al.); ``"pact"``: a learned
-    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset. The learned
+    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset; ``"dsq"``,
+    ``"daq"``, ``"ewgs"``, ``"apot"``, ``"apot+ewgs"`` as for the weights (APoT's levels are for
+    unsigned inputs; signed ones get LSQ). The learned
     parameters are set from the first batch the quantizer sees (:func:`calibrate`): LSQ as its
     paper does, LSQ+ and PACT at the least-squared-error clipping range, which suits fine-tuning a
     trained network (for PACT from scratch, pass a factory with the paper's fixed ``alpha=10``).
@@ -58,8 +71,12 @@ def act_quantizer(method: str, bits: int, signed: bool = False) -> Quantizer:
         if signed:
             return RangeFakeQuantizer(bits, signed=True, scheme="asymmetric", range="ema")
         return PACT(bits, alpha=None)
-    if method == "lsq":
-        return LSQ(bits, signed=signed)
+    if method in _STEPPED:
+        return _STEPPED[method](bits, signed=signed)
+    if method in ("apot", "apot+ewgs"):
+        if signed or bits not in APOT_BITS:
+            return LSQ(bits, signed=signed)
+        return APoT(bits, signed=False, ewgs=method == "apot+ewgs")
     if method == "lsq+":
         return LSQPlus(bits, signed=signed)
     raise ValueError(f"act method must be one of {ACT_METHODS}, got {method!r}")

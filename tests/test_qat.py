@@ -115,9 +115,9 @@ def test_custom_factories():
 def test_bad_input():
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="weight must be one of"):
-        qat.prepare(model, weight="apot")
+        qat.prepare(model, weight="pot")
     with pytest.raises(ValueError, match="act must be one of"):
-        qat.prepare(model, act="dsq")
+        qat.prepare(model, act="lsq++")
     with pytest.raises(ValueError, match="bits must be in \\[2, 16\\]"):
         qat.prepare(model, bits=1)
     with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):

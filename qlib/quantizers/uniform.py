@@ -205,7 +205,12 @@ class LSQ(Quantizer):
         qn, qp = self._qn_qp()
         g = 1.0 / math.sqrt(self._elements_per_step(x) * qp)
         step = scale_gradient(self.positive_step(), g).reshape(self._shape(x))
-        return round_ste(torch.clamp(x / step, qn, qp)) * step
+        return self.discretize(torch.clamp(x / step, qn, qp)) * step
+
+    def discretize(self, u: torch.Tensor) -> torch.Tensor:
+        """Round ``u`` (in steps, already clamped) to the grid: the straight-through estimator here;
+        the methods of chapter 7 (DSQ, DAQ, EWGS) override only this."""
+        return round_ste(u)
 
     def qparams(self) -> QuantParams:
         if not bool(self.initialized):
