@@ -118,8 +118,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
           on_epoch_start=None) -> list[dict]:
     """Train ``model`` on ``data`` with cross-entropy; return one record per epoch.
 
-    Each record holds ``epoch``, ``loss`` (mean training loss), ``train_acc`` (running
-    accuracy over the epoch's batches) and ``test_acc``. ``progress=None`` shows a tqdm bar
+    Each record holds ``epoch``, ``loss`` (mean training loss), ``step_losses`` (the loss of each
+    batch), ``train_acc`` (running accuracy over the epoch's batches) and ``test_acc``. ``progress=None`` shows a tqdm bar
     unless ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains;
     the data stay in memory on the CPU and move batch by batch. ``on_epoch_start(epoch, model)``,
     if given, runs before each epoch (1-based): e.g. to switch on activation quantization after a
@@ -144,7 +144,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
         if on_epoch_start is not None:
             on_epoch_start(epoch, model)
         model.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, step_losses = 0.0, 0, 0, []
         for x, y in data.train_batches(config.batch_size, generator):
             if config.augment:
                 x = random_crop_flip(x, generator=generator)
@@ -155,12 +155,14 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += loss.item() * len(y)
+            step_losses.append(loss.item())
+            total_loss += step_losses[-1] * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training diverged in epoch {epoch} (loss {total_loss}); lower lr")
-        record = {"epoch": epoch, "loss": total_loss / seen, "train_acc": 100.0 * correct / seen,
+        record = {"epoch": epoch, "loss": total_loss / seen, "step_losses": step_losses,
+                  "train_acc": 100.0 * correct / seen,
                   "test_acc": evaluate(model, data)}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_acc']:.2f}")

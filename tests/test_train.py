@@ -1,5 +1,7 @@
 """Training, evaluation, seeding, checkpoints and the cache of trained networks."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -32,6 +34,11 @@ def test_training_learns_and_is_repeatable(digits):
     history = train.train(model_a, digits, FAST, seed=0, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["test_acc"] > max(before, 50.0)
+    batches = math.ceil(len(digits.x_train) / FAST.batch_size)
+    for record in history:   # the epoch's loss is the batch losses weighted by batch size
+        sizes = [FAST.batch_size] * (batches - 1) + [len(digits.x_train) - FAST.batch_size * (batches - 1)]
+        assert len(record["step_losses"]) == batches
+        assert record["loss"] == pytest.approx(sum(l * n for l, n in zip(record["step_losses"], sizes)) / sum(sizes))
     train.seed_everything(0)
     model_b = small_cnn()
     train.train(model_b, digits, FAST, seed=0, progress=False)
