@@ -3,13 +3,14 @@
 One module per chapter: :mod:`qlib.affine` (the affine map), :mod:`qlib.observers`
 (calibration and granularity), :mod:`qlib.fixedpoint` and :mod:`qlib.gemm` (integer matrix
 multiplication), :mod:`qlib.fold` and :mod:`qlib.engine` (a whole network in integers),
-:mod:`qlib.quantizers` and :mod:`qlib.qat` (training with quantization).
+:mod:`qlib.quantizers` and :mod:`qlib.qat` (training with quantization), :mod:`qlib.hessian`
+(Hessian traces) and :mod:`qlib.shiftadd` (power-of-two weights by shifts and additions).
 Shared parts: :mod:`qlib.data`, :mod:`qlib.models`, :mod:`qlib.train`, :mod:`qlib.plots`.
 """
 
 from . import affine, data, engine, fixedpoint, fold, gemm, models, observers, plots, qat, quantizers  # noqa: F401
-from . import train  # noqa: F401
+from . import hessian, shiftadd, train  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["affine", "data", "engine", "fixedpoint", "fold", "gemm", "models", "observers", "plots", "qat",
-           "quantizers", "train", "__version__"]
+           "quantizers", "hessian", "shiftadd", "train", "__version__"]

@@ -188,7 +188,9 @@ def tiny_model(method="ewgs", seed=0):
 def test_delta_estimates_are_finite_nonnegative_and_follow_the_definition():
     data = tiny_data()
     model = tiny_model()
+    qat.calibrate(model, [data.x_train[:32]])
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
     batches = [(data.x_train[i:i + 32], data.y_train[i:i + 32]) for i in (0, 32, 64)]
     deltas = estimate_ewgs_deltas(model, batches, max_probes=1500, tol=0.0)
     assert set(deltas) == set(ewgs_quantizers(model))
@@ -197,6 +199,8 @@ def test_delta_estimates_are_finite_nonnegative_and_follow_the_definition():
     for k, v in model.state_dict().items():  # only the deltas changed
         if not k.endswith("ewgs_delta"):
             assert torch.equal(v, before[k]), k
+    # the same parameter objects: an optimizer created before the estimate still trains them
+    assert all(p is q for p, q in zip(model.parameters(), parameters))
 
     # recompute one delta by hand with the exact Hessian of the loss w.r.t. the last layer's input codes
     name = "4.input_quantizer"
@@ -238,7 +242,19 @@ def test_schedule_logs_deltas_and_leaves_first_epochs_as_ste():
     second = [row["delta"] for row in schedule.log if row["epoch"] == 2]
     third = [row["delta"] for row in schedule.log if row["epoch"] == 3]
     assert second == third and any(d > 0 for d in second)   # not re-estimated at epoch 3
-    assert all(row["flipped"] is not None for row in schedule.log)
+    assert all(row["flipped"] is not None and row["peak"] is not None for row in schedule.log)
+
+
+def test_peak_scaled_error_tracks_the_flip_margin():
+    q = EWGS(2, signed=True)
+    q.train()
+    x = torch.randn(50, 3)
+    q(x)
+    q.ewgs_delta.fill_(1.5)
+    q.peak()                    # reset
+    q(x)
+    u = torch.clamp(x / q.positive_step().detach(), *q.code_range)
+    assert q.peak() == pytest.approx(1.5 * float((u - torch.round(u)).abs().max()), rel=1e-5)
 
 
 def test_estimate_needs_ewgs_quantizers_and_batches():
@@ -267,3 +283,17 @@ def test_qat_with_each_gradient_method_lowers_the_loss():
             optimizer.step()
             losses.append(loss.item())
         assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), method
+
+
+def test_estimate_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 2))
+    model = qat.prepare(model, "ewgs", "ewgs", bits=2, first_last_bits=None, example_input=torch.rand(8, 6))
+    data = tiny_data()
+    qat.calibrate(model, [data.x_train[:32]])
+    stats = [b.clone() for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
+    estimate_ewgs_deltas(model, [(data.x_train[:32], data.y_train[:32])], max_probes=5)
+    after = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))
+    assert not model.training   # the mode it was in

@@ -256,7 +256,7 @@ class APoT(EWGSMixin, Quantizer):
             step = float(self.positive_alpha()) / (2**self.bits - 1)
             return QuantParams(step, 0, self.bits, False, False, None)
         raise ValueError(f"APoT with grid={self.grid!r} (signed={self.signed}) has no uniform integer grid: "
-                         "use codes() and qlib.engine.ShiftAddLayer")
+                         "use codes() and qlib.shiftadd.ShiftAddLayer")
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:

@@ -22,8 +22,6 @@ larger, the error grows by ``c`` and ``Tr(H) / N / std(g)`` shrinks by ``c``.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +77,7 @@ class EWGSMixin:
     def _init_ewgs(self, delta: float = 0.0):
         self.register_buffer("ewgs_delta", torch.tensor(check_float(delta, "delta", 0.0)))
         self.register_buffer("flip_counts", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("peak_scaled_error", torch.zeros((), dtype=torch.float64))
         self.capture = False
         self.captured = None
 
@@ -93,8 +92,11 @@ class EWGSMixin:
 
     def _ewgs(self, u, u_q, error=None):
         error = (u - u_q).detach() if error is None else error
-        out = ewgs_discretize(u, u_q, self.effective_delta(error), error,
-                              self.flip_counts if self.training else None)
+        delta = self.effective_delta(error)
+        if self.training and error.numel():
+            with torch.no_grad():  # the factor can turn negative only where delta * |error| > 1
+                self.peak_scaled_error.clamp_(min=float(delta * error.abs().max()))
+        out = ewgs_discretize(u, u_q, delta, error, self.flip_counts if self.training else None)
         if self.capture:
             self.captured = out
         return out
@@ -105,6 +107,14 @@ class EWGSMixin:
         if reset:
             self.flip_counts.zero_()
         return flipped / seen if seen else 0.0
+
+    def peak(self, reset: bool = True) -> float:
+        """The largest ``delta * |u - u_q|`` seen in training since the last reset: the factor
+        ``1 + delta sign(g) (u - u_q)`` can reverse a gradient only if this exceeds 1."""
+        value = float(self.peak_scaled_error)
+        if reset:
+            self.peak_scaled_error.zero_()
+        return value
 
 
 class EWGS(EWGSMixin, LSQ):
@@ -140,15 +150,20 @@ def estimate_ewgs_deltas(model: nn.Module, batches, max_probes: int = 50, tol: f
     to each quantizer's discretizer output (its diagonal block only) by Hutchinson's method, ``g`` the
     gradient with respect to that output (``std`` unbiased), averaged over ``batches`` (pairs
     ``(x, y)``; the paper uses 3) and then clipped at 0. A gradient with (near) zero spread gives
-    ``delta = 0`` for that batch instead of a division by zero. The model's parameters and buffers
-    (batch-norm statistics) are left as they were. Returns the new deltas by quantizer name.
+    ``delta = 0`` for that batch instead of a division by zero. The parameters and the batch-norm
+    statistics are left as they were (quantizers not yet initialised initialise on the first batch,
+    as in any forward pass). Returns the new deltas by quantizer name.
     """
     quantizers = ewgs_quantizers(model)
     if not quantizers:
         raise ValueError("model has no EWGS quantizer")
     max_probes = check_int(max_probes, "max_probes", 1)
     generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
-    buffers = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+    # Restore batch-norm statistics and EWGS's counters in place afterwards; loading a state dict could
+    # replace parameter objects (LSQ's step) and cut them off from the optimizer that holds them.
+    kept = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    kept += [b for q in quantizers.values() for b in (q.flip_counts, q.peak_scaled_error)]
+    saved = [b.detach().clone() for b in kept]
     was_training = model.training
     sums = {name: 0.0 for name in quantizers}
     count = 0
@@ -174,7 +189,9 @@ def estimate_ewgs_deltas(model: nn.Module, batches, max_probes: int = 50, tol: f
     finally:
         for q in quantizers.values():
             q.capture, q.captured = False, None
-        model.load_state_dict(buffers)
+        with torch.no_grad():
+            for b, value in zip(kept, saved):
+                b.copy_(value)
         model.train(was_training)
     if count == 0:
         raise ValueError("batches was empty")
@@ -192,8 +209,9 @@ class EWGSSchedule:
     At the start of epochs ``first, first + every, ...`` it calls :func:`estimate_ewgs_deltas` on
     ``num_batches`` training batches of ``data`` (before ``first``, ``delta`` stays as it was: 0,
     the STE, unless set). ``log`` holds one row per epoch and quantizer: the ``delta`` in force and
-    the fraction of gradient elements whose sign EWGS reversed during that epoch (``flipped``,
-    filled in when the next epoch starts or :meth:`close` is called).
+    the fraction of gradient elements whose sign EWGS reversed during that epoch (``flipped``) and the
+    largest ``delta * |u - u_q|`` (``peak``; above 1 a gradient can be reversed), filled in when the
+    next epoch starts or :meth:`close` is called.
     """
 
     def __init__(self, data, every: int = 1, first: int = 1, num_batches: int = 3, batch_size: int = 64,
@@ -208,12 +226,15 @@ class EWGSSchedule:
         self.log: list[dict] = []
 
     def close(self, model: nn.Module):
-        """Record the flipped fractions of the epoch that just ended (call after training)."""
+        """Record the flipped fractions and peaks of the epoch that just ended (call after training)."""
+        quantizers = ewgs_quantizers(model)
         for row in self.log:
             if row["flipped"] is None:
-                row["flipped"] = ewgs_quantizers(model)[row["quantizer"]].flipped_fraction(reset=False)
-        for q in ewgs_quantizers(model).values():
+                row["flipped"] = quantizers[row["quantizer"]].flipped_fraction(reset=False)
+                row["peak"] = quantizers[row["quantizer"]].peak(reset=False)
+        for q in quantizers.values():
             q.flip_counts.zero_()
+            q.peak_scaled_error.zero_()
 
     def __call__(self, epoch: int, model: nn.Module):
         self.close(model)
@@ -226,7 +247,8 @@ class EWGSSchedule:
                     break
             estimate_ewgs_deltas(model, batches, self.max_probes, seed=self.seed + epoch)
         for name, q in ewgs_quantizers(model).items():
-            self.log.append({"epoch": epoch, "quantizer": name, "delta": float(q.ewgs_delta), "flipped": None})
+            self.log.append({"epoch": epoch, "quantizer": name, "delta": float(q.ewgs_delta), "flipped": None,
+                             "peak": None})
 
 
 #: What an APoT quantizer can change about EWGS on an uneven grid (see :class:`qlib.quantizers.APoT`).
