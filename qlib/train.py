@@ -119,8 +119,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
     """Train ``model`` on ``data`` with cross-entropy; return one record per epoch.
 
     Each record holds ``epoch``, ``loss`` (mean training loss), ``step_losses`` (the loss of each
-    batch), ``train_acc`` (running accuracy over the epoch's batches) and ``test_acc``. ``progress=None`` shows a tqdm bar
-    unless ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains;
+    batch), ``train_acc`` (running accuracy over the epoch's batches) and ``test_acc``.
+    ``progress=None`` shows a tqdm bar unless ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains;
     the data stay in memory on the CPU and move batch by batch. ``on_epoch_start(epoch, model)``,
     if given, runs before each epoch (1-based): e.g. to switch on activation quantization after a
     delay or to freeze batch-norm statistics late in training.
