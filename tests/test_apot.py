@@ -99,7 +99,7 @@ def test_default_alpha_is_the_least_squared_error_clip():
     x = torch.relu(torch.randn(5000))
     q = APoT(2, signed=False)
     q(x)
-    best = float(q.alpha)
+    best = float(q.alpha.detach())
     levels = apot_levels(2, signed=False).float()
 
     def error(alpha):

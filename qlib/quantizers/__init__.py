@@ -19,10 +19,10 @@ quantizes onto power-of-two and additive power-of-two levels (chapter 8).
 from .apot import APoT, apot_levels, grid_codes, local_gap, nearest_level, pot_levels, uniform_levels
 from .approx import DAQ, DSQ, daq_soft_round, dsq_round
 from .base import Quantizer
-from .ewgs import EWGS, EWGSSchedule, estimate_ewgs_deltas, ewgs_discretize, ewgs_quantizers
+from .ewgs import EWGS, EWGSMixin, EWGSSchedule, estimate_ewgs_deltas, ewgs_discretize, ewgs_quantizers
 from .uniform import LSQ, PACT, LSQPlus, RangeFakeQuantizer, mse_clip_range, round_ste, scale_gradient
 
 __all__ = ["Quantizer", "RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "mse_clip_range", "round_ste",
-           "scale_gradient", "DSQ", "DAQ", "dsq_round", "daq_soft_round", "EWGS", "EWGSSchedule",
+           "scale_gradient", "DSQ", "DAQ", "dsq_round", "daq_soft_round", "EWGS", "EWGSMixin", "EWGSSchedule",
            "estimate_ewgs_deltas", "ewgs_discretize", "ewgs_quantizers", "APoT", "apot_levels", "pot_levels",
            "uniform_levels", "grid_codes", "nearest_level", "local_gap"]

@@ -140,7 +140,7 @@ class APoT(EWGSMixin, Quantizer):
     gradient, what autograd gives here); ``d out / dx = 1`` inside, and outside 1 for weights
     (the paper's code does not mask clipped weights) and 0 for activations.
 
-    ``ewgs=True`` gives ``P`` EWGS's backward pass instead of the STE (:mod:`qlib.quantizers.ewgs`),
+    ``ewgs=True`` gives ``P`` EWGS's backward pass instead of the STE (see :class:`EWGS`),
     with the error ``u - P(u)`` in the normalised domain. ``ewgs_fix`` changes what EWGS sees on an
     uneven grid: ``"gap"`` measures the error in units of the local gap between levels, times the
     uniform step over the same range (so that ``|error|`` is at most half a uniform step, as EWGS
