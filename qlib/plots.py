@@ -11,8 +11,9 @@ from __future__ import annotations
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
-from ._checks import check_bits, check_choice, check_float, check_float_array
+from ._checks import check_bits, check_choice, check_float, check_float_array, check_int
 from .affine import SCHEMES, as_float64_numpy, fake_quantize, qparams_from_range, qparams_from_tensor, sqnr_db
 from .fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
@@ -158,6 +159,16 @@ def granularity_explorer(weights: dict, bits: int = 4):
     )
 
 
+def _round_product_half_away(acc: np.ndarray, m: float) -> np.ndarray:
+    """``round(acc * m)`` for int64 ``acc`` and a float ``m``, in exact integer arithmetic (half away from 0).
+
+    A float64 product would misplace the exact ties (e.g. ``5 * 0.7``) by one unit.
+    """
+    num, den = float(m).as_integer_ratio()
+    magnitude = (np.abs(acc).astype(object) * (2 * num) + den) // (2 * den)
+    return (np.sign(acc) * magnitude).astype(np.int64)
+
+
 def draw_multiplier(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05, acc_range: int = 20000, ax=None):
     """The fixed-point multiplier for ``M = S1 S2 / S3`` and its error on accumulators ``-acc_range..acc_range``.
 
@@ -167,12 +178,13 @@ def draw_multiplier(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05, acc_rang
     """
     for name, value in (("s1", s1), ("s2", s2), ("s3", s3)):
         check_float(value, name, 0.0, low_open=True)
+    check_int(acc_range, "acc_range", 1, 2**31 - 1)
     m = s1 * s2 / s3
     m0, shift = quantize_multiplier(m)
     acc = np.arange(-acc_range, acc_range + 1, dtype=np.int64)
     fixed = multiply_by_quantized_multiplier(acc, m0, shift).astype(np.int64)
     exact = acc * m
-    single = np.sign(exact) * np.floor(np.abs(exact) + 0.5)  # one rounding, half away from zero
+    single = _round_product_half_away(acc, m)
     stats = {"M": m, "M0": m0, "shift": shift, "rel_error": abs(m0 * 2.0 ** (shift - 31) - m) / m,
              "differs": float(np.mean(fixed != single)), "max_diff": int(np.max(np.abs(fixed - single)))}
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
@@ -201,16 +213,30 @@ def multiplier_explorer(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05):
     return widgets.interactive(show, s1=slider(s1, "S1"), s2=slider(s2, "S2"), s3=slider(s3, "S3"))
 
 
+def _lsb_differences(d, name: str) -> np.ndarray:
+    """Absolute code differences as int64; refuses empty, negative or fractional values."""
+    if not isinstance(d, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(d).__name__}")
+    d = as_float64_numpy(d)
+    if d.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(d).all() or (d < 0).any() or (d != np.round(d)).any():
+        raise ValueError(f"{name} must hold non-negative whole numbers (absolute code differences)")
+    return d.astype(np.int64)
+
+
 def draw_lsb_histogram(diffs: dict, ax=None, title: str = ""):
     """Bar chart of how many outputs differ by 0, 1, 2, ... LSB, for each named comparison.
 
     ``diffs`` maps a label to an integer tensor/array of absolute code differences.
     Returns ``(figure, stats)`` with the share of exact outputs and the maximum per label.
     """
+    if not isinstance(diffs, dict) or not diffs:
+        raise ValueError("diffs must be a non-empty dict mapping a label to code differences")
+    arrays = {label: _lsb_differences(d, f"diffs[{label!r}]") for label, d in diffs.items()}
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
-    stats, width = {}, 0.8 / max(1, len(diffs))
-    for i, (label, d) in enumerate(diffs.items()):
-        d = as_float64_numpy(d.float() if hasattr(d, "float") else np.asarray(d, dtype=np.float64)).astype(np.int64)
+    stats, width = {}, 0.8 / len(arrays)
+    for i, (label, d) in enumerate(arrays.items()):
         counts = np.bincount(d.ravel())
         stats[label] = {"exact": float(counts[0] / d.size), "max": int(d.max()),
                         "within_1": float(counts[:2].sum() / d.size)}

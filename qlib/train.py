@@ -74,6 +74,9 @@ def _check_model(model):
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Logits of ``model`` (in eval mode) for all of ``x``, batch by batch."""
     _check_model(model)
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
+        raise TypeError(f"x must be a torch tensor with a batch dimension, got {type(x).__name__}")
+    check_int(batch_size, "batch_size", 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
@@ -107,6 +110,10 @@ def mean_std(values, digits: int = 1) -> str:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer a :class:`TrainConfig` asks for: AdamW, or SGD with Nesterov momentum 0.9."""
+    _check_model(model)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if config.optimizer == "adam":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,

@@ -261,3 +261,23 @@ def test_tiny_ranges_get_the_minimum_scale():
             qp = qparams_from_tensor(x, 8, scheme, signed, narrow)
             assert float(qp.scale) == np.float32(affine.SCALE_EPS)
             assert np.all(np.isfinite(fake_quantize(x, qp)))
+
+
+def test_as_float64_numpy_copies_and_detaches():
+    t = torch.tensor([1.5, -2.0], requires_grad=True)
+    a = affine.as_float64_numpy(t)
+    assert a.dtype == np.float64 and a.tolist() == [1.5, -2.0]
+    a[0] = 9.0
+    assert t[0].item() == 1.5  # a copy, not a view of the tensor
+    assert affine.as_float64_numpy([1, 2]).dtype == np.float64
+    assert affine.as_float64_numpy(np.float32(0.5)).shape == ()
+
+
+def test_per_channel_flag_follows_the_axis():
+    w = torch.randn(3, 5)
+    per_tensor = qparams_from_tensor(w, 4, "symmetric")
+    per_channel = qparams_from_tensor(w, 4, "symmetric", axis=0)
+    assert not per_tensor.per_channel and per_tensor.levels().size == 16
+    assert per_channel.per_channel and per_channel.scale.shape == (3,)
+    # symmetric: scale = max|w| / ((qmax - qmin) / 2), here over the 16 unsigned codes 0..15
+    assert per_channel.channel(1).scale == pytest.approx(w[1].abs().max().item() / 7.5, rel=1e-6)

@@ -127,3 +127,10 @@ def test_bad_arguments():
         data.load_mnist5k(test_per_class=0)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(data.iterate_batches(torch.zeros(2), torch.zeros(2), 0))
+
+
+def test_dataset_shape_and_classes():
+    digits = data.load_digits()
+    assert digits.input_shape == (1, 8, 8) == tuple(digits.x_test.shape[1:])
+    assert digits.num_classes == 10 == int(digits.y_train.max()) + 1
+    assert data.load_mnist1d(n_train=100, n_test=20).input_shape == (1, 40)

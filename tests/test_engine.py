@@ -161,3 +161,17 @@ def test_average_pooling_with_a_window():
         assert error.max() <= 1
     with pytest.raises(ValueError, match="max pooling with padding, dilation or ceil_mode"):
         engine.convert(nn.Sequential(nn.MaxPool2d(2, padding=1)), [torch.randn(1, 1, 4, 4)])
+
+
+def test_dequantize_output_and_weight_bytes(converted):
+    model, network, x = converted
+    q = network.run(network.quantize_input(x))
+    spec = network.output_spec
+    logits = network.dequantize_output(q)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, (q.to(torch.float32) - spec.zero_point) * spec.scale)
+    # One int8 per weight of every weighted layer (the folded float model has the same count)
+    # plus four bytes per int32 bias (one per output channel).
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    assert network.weight_bytes() == sum(m.weight.numel() + 4 * m.out_channels if not isinstance(m, nn.Linear)
+                                         else m.weight.numel() + 4 * m.out_features for m in weighted)

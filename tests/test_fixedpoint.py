@@ -157,3 +157,18 @@ def test_fast_multiplier_equals_the_chained_primitives(xs, real):
     assert fast.dtype == torch.int32 and torch.equal(fast, chained)
     with pytest.raises(TypeError, match="x must be an int32 torch tensor"):
         fp.FixedPointMultiplier.from_reals(real)(x.to(torch.int64))
+
+
+def test_apply_unchecked_numpy_and_torch_per_channel_equal_the_reference():
+    # Per-channel multipliers with right shifts, no shift and a left shift, on int32 edge values.
+    reals = [3e-4, 0.75, 3.5]
+    m0, shift = fp.quantize_multipliers(np.array(reals))
+    values = np.array([I32_MIN, -(2**30), -12345, -1, 0, 1, 7, 2**20 + 3, I32_MAX], dtype=np.int64)
+    x = np.tile(values, (3, 1))  # one row per channel
+    in_numpy = fp.FixedPointMultiplier(m0.astype(np.int64).reshape(3, 1), shift.astype(np.int64).reshape(3, 1))
+    in_torch = fp.FixedPointMultiplier.from_reals(reals, shape=(3, 1))
+    got_numpy = in_numpy.apply_unchecked(x)
+    got_torch = in_torch.apply_unchecked(torch.from_numpy(x))
+    expected = [[ref_mbqm(int(v), int(m0[c]), int(shift[c])) for v in values] for c in range(3)]
+    assert got_numpy.tolist() == expected and got_torch.tolist() == expected
+    assert torch.equal(in_torch(torch.from_numpy(x).to(torch.int32)).to(torch.int64), got_torch)

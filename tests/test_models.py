@@ -78,3 +78,18 @@ def test_bad_input():
         models.Mnist1DCNN(num_classes=1)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         models.count_parameters(None)
+
+
+@pytest.mark.parametrize("dims, shape", [(1, (2, 4, 11)), (2, (2, 4, 9, 7))])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (5, 2), (1, 1)])
+def test_conv_bn_relu_keeps_size_and_is_conv_bn_relu(dims, shape, kernel, stride):
+    block = models.conv_bn_relu(4, 6, kernel, stride=stride, dims=dims)
+    conv, norm, act = block
+    assert isinstance(conv, nn.Conv1d if dims == 1 else nn.Conv2d) and conv.bias is None
+    assert isinstance(norm, nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d) and isinstance(act, nn.ReLU)
+    out = block(torch.randn(shape))
+    # 'same' padding: the spatial size only shrinks by the stride
+    assert out.shape[:2] == (2, 6) and list(out.shape[2:]) == [-(-n // stride) for n in shape[2:]]
+    assert (out >= 0).all()
+    depthwise = models.conv_bn_relu(4, 4, 3, groups=4)[0]
+    assert depthwise.weight.shape == (4, 1, 3, 3)

@@ -152,3 +152,27 @@ def test_bad_input():
         ob.calibrate(model, ["0"], [], ob.MinMaxObserver)
     with pytest.raises(ValueError, match="axis must be None or in"):
         ob.MinMaxObserver(axis=3)(torch.zeros(2, 2))
+
+
+def test_observe_outputs_feeds_each_named_output_and_removes_its_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(16, 4)
+    watched = {"0": ob.MinMaxObserver(), "2": ob.MinMaxObserver()}
+    with ob.observe_outputs(model, watched) as observers:
+        assert observers is watched
+        model(x)
+    hidden = model[0](x)
+    assert watched["0"].min_val.item() == pytest.approx(hidden.min().item())
+    assert watched["0"].max_val.item() == pytest.approx(hidden.max().item())
+    assert watched["2"].max_val.item() == pytest.approx(model(x).max().item())
+    model(10 * x)  # after the block nothing is observed any more
+    assert watched["0"].max_val.item() == pytest.approx(hidden.max().item())
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"):  # hooks are removed when the block fails, too
+        with ob.observe_outputs(model, {"1": ob.MinMaxObserver()}):
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="nope"):
+        with ob.observe_outputs(model, {"nope": ob.MinMaxObserver()}):
+            pass

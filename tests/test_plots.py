@@ -1,5 +1,7 @@
 """Figures and explorers: the numbers they show, and that they render."""
 
+from fractions import Fraction
+
 import ipywidgets
 import matplotlib
 import numpy as np
@@ -68,3 +70,73 @@ def test_publish_turns_numpy_scalars_into_python_numbers(monkeypatch):
     plots.publish("n", np.int64(3))
     assert published == {"acc": (96.5, False), "n": (3, False)}
     assert type(published["acc"][0]) is float and type(published["n"][0]) is int
+
+
+def _round_half_away(f: Fraction) -> int:
+    return int(f.numerator * 2 + f.denominator) // (2 * f.denominator) if f >= 0 else -_round_half_away(-f)
+
+
+def _pipeline_vs_single_rounding(m0: int, shift: int, m: float, accs) -> float:
+    """Share of accumulators where SRDHM then a rounding right shift (Python integers) differs from
+    rounding ``acc * m`` once, both half away from zero (no ties of SRDHM occur for these inputs)."""
+    twice = [_round_half_away(Fraction(_round_half_away(Fraction(a * int(m0), 2**31)), 2**-int(shift))) for a in accs]
+    once = [_round_half_away(a * Fraction(m)) for a in accs]
+    return float(np.mean([t != o for t, o in zip(twice, once)]))
+
+
+@pytest.mark.parametrize("scales", [(0.1, 0.2, 0.05), (0.02, 0.004, 0.08), (0.7, 1.0, 1.0)])
+def test_draw_multiplier_stats_match_exact_references(scales):
+    fig, stats = plots.draw_multiplier(*scales, acc_range=3000)
+    m = scales[0] * scales[1] / scales[2]
+    assert stats["M"] == m and 2**30 <= stats["M0"] < 2**31  # M0 is a Q31 number in [0.5, 1)
+    assert stats["rel_error"] == pytest.approx(float(
+        abs(Fraction(int(stats["M0"]), 2**31) * Fraction(2) ** int(stats["shift"]) - Fraction(m)) / Fraction(m)))
+    assert stats["rel_error"] < 2**-30
+    assert stats["differs"] == pytest.approx(_pipeline_vs_single_rounding(
+        stats["M0"], stats["shift"], m, range(-3000, 3001)))
+    assert stats["max_diff"] <= 1
+    assert len(fig.axes) == 1
+
+
+def test_draw_multiplier_two_roundings_differ_only_after_a_shift():
+    assert plots.draw_multiplier(0.1, 0.2, 0.05)[1]["differs"] > 0.1  # M = 0.4: n = 1
+    # M in [0.5, 1): no shift, so only ties of acc * M can differ (M0 != M below 2^-31): 1 in 10 here
+    one = plots.draw_multiplier(0.7, 1.0, 1.0, acc_range=3000)[1]
+    assert one["shift"] == 0 and one["differs"] <= 0.1 + 1e-9
+
+
+def test_multiplier_explorer_builds_and_updates():
+    explorer = plots.multiplier_explorer()
+    assert isinstance(explorer, ipywidgets.interactive)
+    sliders = {c.description: c for c in explorer.children if hasattr(c, "description")}
+    assert set(sliders) >= {"S1", "S2", "S3"}
+    sliders["S3"].value = 0.001  # M = 20 > 1: a left shift, re-drawn without error
+
+
+def test_draw_lsb_histogram_stats():
+    d = {"engine": torch.tensor([0, 0, 0, 1, 2, 0, 1, 0]), "torch": np.array([0.0, 3.0])}
+    fig, stats = plots.draw_lsb_histogram(d, title="t")
+    assert stats["engine"] == {"exact": 5 / 8, "max": 2, "within_1": 7 / 8}
+    assert stats["torch"] == {"exact": 0.5, "max": 3, "within_1": 0.5}
+    assert fig.axes[0].get_title() == "t"
+
+
+@pytest.mark.parametrize("diffs, error, match", [
+    ({}, ValueError, "non-empty dict"),
+    ([np.zeros(3)], ValueError, "non-empty dict"),
+    ({"a": [0, 1]}, TypeError, r"diffs\['a'\] must be a numpy array"),
+    ({"a": torch.zeros(0)}, ValueError, "is empty"),
+    ({"a": torch.tensor([0, -1])}, ValueError, "non-negative whole numbers"),
+    ({"a": np.array([0.5])}, ValueError, "non-negative whole numbers"),
+    ({"a": np.array([np.nan])}, ValueError, "non-negative whole numbers"),
+])
+def test_draw_lsb_histogram_bad_input(diffs, error, match):
+    with pytest.raises(error, match=match):
+        plots.draw_lsb_histogram(diffs)
+
+
+def test_draw_multiplier_bad_input():
+    with pytest.raises(ValueError, match="s2 must be > 0.0"):
+        plots.draw_multiplier(0.1, 0.0, 0.1)
+    with pytest.raises(ValueError, match="acc_range must be"):
+        plots.draw_multiplier(acc_range=0)

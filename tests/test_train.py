@@ -116,3 +116,55 @@ def test_on_epoch_start_runs_before_each_epoch(digits):
     train.train(model, digits, train.TrainConfig(epochs=2, batch_size=256), progress=False,
                 on_epoch_start=lambda epoch, m: calls.append((epoch, m is model)))
     assert calls == [(1, True), (2, True)]
+
+
+def test_predict_equals_one_pass_in_eval_mode_and_restores_the_mode(digits):
+    torch.manual_seed(0)
+    # batch norm makes train and eval mode differ, so a forgotten model.eval() would show
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(digits.input_shape), 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, digits.num_classes))
+    model.train()
+    x = digits.x_test[:37]
+    logits = train.predict(model, x, batch_size=10)  # batches of 10, 10, 10, 7
+    assert model.training  # the caller's mode is back
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert logits.shape == (37, digits.num_classes) and not logits.requires_grad
+
+
+def test_make_optimizer_follows_the_config():
+    model = nn.Linear(3, 2)
+    adam = train.make_optimizer(model, train.TrainConfig(lr=0.01, weight_decay=0.5))
+    assert isinstance(adam, torch.optim.AdamW)
+    assert adam.defaults["lr"] == 0.01 and adam.defaults["weight_decay"] == 0.5
+    sgd = train.make_optimizer(model, train.TrainConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] and sgd.defaults["lr"] == 0.1
+    assert [p for g in sgd.param_groups for p in g["params"]] == list(model.parameters())
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "c"))
+    assert train.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("QLIB_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert train.cache_dir() == tmp_path / ".cache" / "qlib"
+
+
+def test_recipes_name_known_data_and_valid_configs():
+    assert set(train.RECIPES) == set(models.MODELS)
+    for recipe in train.RECIPES.values():
+        assert isinstance(recipe, train.Recipe) and isinstance(recipe.config, train.TrainConfig)
+        assert recipe.data in ("mnist5k", "mnist1d", "cifar10")
+
+
+def test_predict_and_make_optimizer_bad_input():
+    with pytest.raises(ValueError, match="batch_size must be"):
+        train.predict(nn.Linear(2, 2), torch.zeros(3, 2), batch_size=0)
+    with pytest.raises(TypeError, match="x must be a torch tensor"):
+        train.predict(nn.Linear(2, 2), [[0.0, 1.0]])
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train.make_optimizer(nn.Linear(2, 2), {"lr": 0.1})
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        train.make_optimizer("model", train.TrainConfig())
