@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -23,8 +24,18 @@ def test_chapters_were_executed_and_timed(built_book):
     executed = set(timings["notebooks"])
     chapters = {f for f in toc_files() if f.split("/")[-1][:2].isdigit()}
     assert chapters <= executed, f"not executed during the build: {chapters - executed}"
+    assert set(timings["longest_cells"]) == executed, "every executed notebook logs its cells' times"
     print("\nbuild from clean:", f"{timings['build_seconds']:.0f} s;",
           ", ".join(f"{k}: {v:.0f} s" for k, v in sorted(timings["notebooks"].items())))
+    limit = timings["cell_limit"]
+    print(f"longest cell per chapter (limit {limit} s per cell):")
+    for notebook, cell in timings["longest_cells"].items():
+        print(f"  {notebook}: {cell['seconds']:.0f} s  {cell['first_line']}")
+        # Not a failure (a busy machine is slower): a cell this long leaves less than the 10x
+        # headroom the limit is set for (_config.yml), so split it.
+        if cell["seconds"] > limit / 10:
+            warnings.warn(f"{notebook}: a cell took {cell['seconds']:.0f} s, over a tenth of the "
+                          f"{limit} s per-cell limit; split it ({cell['first_line']!r})")
 
 
 def test_no_errors_or_warnings_in_outputs(built_book):

@@ -8,16 +8,15 @@ widgets must render them. Screenshots (light and dark theme) go to _build/screen
 import functools
 import http.server
 import threading
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
 from conftest import ROOT, toc_files
+from provision_browser import recorded_browser
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 
 # Console messages that are known and harmless; each needs a reason.
@@ -48,12 +47,13 @@ def site(built_book):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium`, as .ci/run does)")
+    found = recorded_browser()  # what make test's setup found or installed (tests/provision_browser.py)
+    if found.executable is None:
+        pytest.fail(found.failure_message())
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        browser = p.chromium.launch(executable_path=found.executable, headless=True, args=[
             "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-gpu", "--no-first-run"])
         yield browser
