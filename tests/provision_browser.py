@@ -65,9 +65,11 @@ def _run(command: Sequence[str], timeout: float, env: dict | None = None) -> tup
         return False, f"no answer within {timeout:.0f} s"
     except OSError as error:
         return False, str(error)
+    if done.returncode == 0:  # what it printed (a version), not a launcher script's warnings on stderr
+        out = done.stdout.strip().splitlines()
+        return True, out[0] if out else "ok"
     lines = (done.stdout + done.stderr).strip().splitlines()
-    tail = lines[-1] if lines else ""
-    return done.returncode == 0, tail if done.returncode == 0 else f"exit {done.returncode}: {tail}"
+    return False, f"exit {done.returncode}: {lines[-1] if lines else ''}"
 
 
 def starts(executable: str, env: dict | None = None) -> tuple[bool, str]:
