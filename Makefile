@@ -23,8 +23,8 @@ test: setup  ## unit + property tests, the book built from clean (-W -n), the br
 	$(PY) tests/provision_browser.py
 	$(PY) -m pytest
 
-unit: setup  ## the fast tests only (no book build, no browser)
-	$(PY) -m pytest -m "not book and not browser"
+unit: setup  ## the fast tests only (no book build, no browser, no training)
+	$(PY) -m pytest -m "not book and not browser and not slow"
 
 bench: setup  ## benchmark tables (ratios measured side by side in one process)
 	$(PY) bench/quantize.py

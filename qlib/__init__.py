@@ -5,12 +5,13 @@ One module per chapter: :mod:`qlib.affine` (the affine map), :mod:`qlib.observer
 multiplication), :mod:`qlib.fold` and :mod:`qlib.engine` (a whole network in integers),
 :mod:`qlib.quantizers` and :mod:`qlib.qat` (training with quantization), :mod:`qlib.hessian`
 (Hessian traces) and :mod:`qlib.shiftadd` (power-of-two weights by shifts and additions).
-Shared parts: :mod:`qlib.data`, :mod:`qlib.models`, :mod:`qlib.train`, :mod:`qlib.plots`.
+Shared parts: :mod:`qlib.data`, :mod:`qlib.models`, :mod:`qlib.train`, :mod:`qlib.experiments`,
+:mod:`qlib.plots`.
 """
 
-from . import affine, data, engine, fixedpoint, fold, gemm, models, observers, plots, qat, quantizers  # noqa: F401
-from . import hessian, shiftadd, train  # noqa: F401
+from . import affine, data, engine, experiments, fixedpoint, fold, gemm, hessian, models, observers, plots  # noqa: F401
+from . import qat, quantizers, shiftadd, train  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["affine", "data", "engine", "fixedpoint", "fold", "gemm", "models", "observers", "plots", "qat",
-           "quantizers", "hessian", "shiftadd", "train", "__version__"]
+__all__ = ["affine", "data", "engine", "experiments", "fixedpoint", "fold", "gemm", "hessian", "models", "observers",
+           "plots", "qat", "quantizers", "shiftadd", "train", "__version__"]

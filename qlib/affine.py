@@ -38,6 +38,10 @@ import torch
 
 from ._checks import check_axis, check_bits, check_bool, check_choice, check_float_array
 
+__all__ = ["qrange", "QuantParams", "as_float64_numpy", "qparams_from_range", "scale_zero_point",
+           "tensor_range", "qparams_from_tensor", "quantize", "dequantize", "fake_quantize",
+           "quantization_mse", "sqnr_db", "SCHEMES", "SCALE_EPS"]
+
 SCHEMES = ("asymmetric", "symmetric")
 SCALE_EPS = float(np.finfo(np.float32).eps)
 
@@ -211,6 +215,27 @@ def qparams_from_range(rmin, rmax, bits: int = 8, scheme: str = "asymmetric", si
         middle = 0 if signed else (qmin + qmax + 1) // 2
         zero_point = np.full(amax.shape, middle)
     return QuantParams(scale, zero_point.astype(np.int32), bits, signed, narrow_range, axis)
+
+
+def scale_zero_point(rmin: torch.Tensor, rmax: torch.Tensor, bits: int = 8, scheme: str = "asymmetric",
+                     signed: bool = False, narrow_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qparams_from_range` in torch, on the ranges' device: ``(scale, zero_point)`` tensors.
+
+    The same formulas, computed in float64 with the scale rounded to float32, so the results equal
+    :func:`qparams_from_range`'s bit for bit; for training, where the ranges live on the model's
+    device and a trip through numpy every step would stall it. ``zero_point`` is returned as a
+    float32 tensor holding integers (what fake quantization adds and subtracts).
+    """
+    check_choice(scheme, "scheme", SCHEMES)
+    qmin, qmax = qrange(bits, signed, narrow_range)
+    lo, hi = rmin.detach().double().clamp(max=0.0), rmax.detach().double().clamp(min=0.0)
+    if scheme == "asymmetric":
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS).float()
+        zero_point = torch.clamp(torch.round(qmin - lo / scale.double()), qmin, qmax)
+    else:
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp(min=SCALE_EPS).float()
+        zero_point = torch.full_like(lo, 0 if signed else (qmin + qmax + 1) // 2)
+    return scale, zero_point.float()
 
 
 def tensor_range(x, axis: int | None = None):

@@ -37,6 +37,9 @@ import torch
 
 from ._checks import check_int
 
+__all__ = ["Dataset", "iterate_batches", "load_mnist5k", "load_digits", "load_mnist1d", "read_cifar10_file",
+           "download_cifar10", "load_cifar10", "random_crop_flip", "load", "CIFAR10_CLASSES", "DIGIT_CLASSES"]
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_DIR = "cifar-10-batches-bin"
@@ -76,6 +79,19 @@ class Dataset:
     def train_batches(self, batch_size: int, generator: torch.Generator | None = None):
         """Shuffled training mini-batches ``(x, y)``; the last partial batch is kept."""
         return iterate_batches(self.x_train, self.y_train, batch_size, shuffle=True, generator=generator)
+
+    def calibration_batches(self, images: int = 500, batch_size: int = 100, seed: int = 0) -> list[torch.Tensor]:
+        """The first ``images`` training inputs of a seeded shuffle, in batches (labels dropped): the
+        calibration set of post-training quantization, the same for every method and seed."""
+        images = check_int(images, "images", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
+        generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
+        batches = []
+        for x, _ in self.train_batches(batch_size, generator):
+            batches.append(x[:images - batch_size * len(batches)])
+            if batch_size * len(batches) >= images:
+                break
+        return batches
 
     def test_batches(self, batch_size: int = 1000):
         """Test mini-batches in a fixed order."""

@@ -33,6 +33,10 @@ import torch
 
 from ._checks import check_int
 
+__all__ = ["quantize_multiplier", "quantize_multipliers", "saturating_rounding_doubling_high_mul",
+           "rounding_divide_by_pot", "multiply_by_quantized_multiplier", "FixedPointMultiplier", "INT32_MIN",
+           "INT32_MAX", "MIN_SHIFT", "MAX_SHIFT"]
+
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 MIN_SHIFT = -31

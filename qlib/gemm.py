@@ -27,18 +27,23 @@ The core product ``q1 @ q2`` has several exact backends (``BACKENDS``):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ._checks import check_choice
 from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier
 
+__all__ = ["integer_matmul", "accumulator_bound", "quantized_matmul", "requantize", "unfold_windows",
+           "im2col", "BACKENDS", "FLOAT32_EXACT"]
+
 #: The exact backends of :func:`integer_matmul`.
 BACKENDS = ("float32", "int_mm", "int64")
 FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2^24 is a float32
 
 
-def _check_codes(x, name: str) -> torch.Tensor:
+def _check_code_matrix(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -59,7 +64,7 @@ def integer_matmul(a, b, backend: str = "float32") -> torch.Tensor:
 
     Every backend returns the same numbers; only the speed differs (see the module docstring).
     """
-    a, b = _check_codes(a, "a"), _check_codes(b, "b")
+    a, b = _check_code_matrix(a, "a"), _check_code_matrix(b, "b")
     check_choice(backend, "backend", BACKENDS)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"a and b do not chain: shapes {tuple(a.shape)} and {tuple(b.shape)}")
@@ -110,7 +115,7 @@ def quantized_matmul(q1, z1: int, q2, z2=0, bias=None, backend: str = "float32")
     zero-point per output column; ``bias`` is int32 of shape ``(N,)`` with scale ``S1 S2``.
     Raises ``ValueError`` when the worst case could overflow int32 (K too large).
     """
-    q1, q2 = _check_codes(q1, "q1"), _check_codes(q2, "q2")
+    q1, q2 = _check_code_matrix(q1, "q1"), _check_code_matrix(q2, "q2")
     k = q1.shape[1]
     z2 = torch.as_tensor(z2, dtype=torch.int64).reshape(-1)
     if z2.numel() not in (1, q2.shape[1]):
@@ -147,3 +152,43 @@ def requantize(acc, multiplier, shift, zero_point: int, qmin: int, qmax: int, dt
         raise TypeError("acc must be an int32 torch tensor (the accumulator)")
     scaled = multiply_by_quantized_multiplier(acc, multiplier, shift)
     return (scaled + int(zero_point)).clamp(int(qmin), int(qmax)).to(dtype)
+
+
+def unfold_windows(x: torch.Tensor, kernel, stride, padding=0, dilation=1, pad_value: int = 0) -> torch.Tensor:
+    """The sliding windows of ``x`` (``(N, C, *spatial)``) as trailing dimensions: ``(N, C, *out, *kernel)``.
+
+    ``kernel``, ``stride``, ``dilation``: an int or one per spatial dimension; ``padding``: an int,
+    one per dimension, or one ``(before, after)`` pair per dimension, filled with ``pad_value``.
+    Works on integer tensors too (``Tensor.unfold``; ``F.unfold`` takes floats only), which is what
+    the integer engine's convolutions (im2col), its pooling and the shift-add layer all build on.
+    """
+    dims = x.ndim - 2
+
+    def per_dim(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+    kernel, stride, dilation, padding = per_dim(kernel), per_dim(stride), per_dim(dilation), per_dim(padding)
+    pairs = [p if isinstance(p, (tuple, list)) else (p, p) for p in padding]
+    pad = [side for pair in reversed(pairs) for side in pair]
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, value=pad_value)
+    for d in range(dims):
+        x = x.unfold(2 + d, (kernel[d] - 1) * dilation[d] + 1, stride[d])
+        if dilation[d] > 1:
+            x = x[..., ::dilation[d]]
+    return x
+
+
+def im2col(x: torch.Tensor, kernel, stride, padding=0, dilation=1, groups: int = 1,
+           pad_value: int = 0) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A convolution's input as matrices: ``(N, groups, C / groups * prod(kernel), L)`` and the output's
+    spatial shape (``L`` its size), so that ``W_g @ columns`` is the convolution of group ``g``.
+
+    Rows are ordered channel-major, then kernel position, as ``weight[g].reshape(out, -1)`` is.
+    """
+    windows = unfold_windows(x, kernel, stride, padding, dilation, pad_value)
+    n, dims = x.shape[0], x.ndim - 2
+    spatial = tuple(windows.shape[2:2 + dims])
+    # (N, C, *out, *kernel) -> (N, C, *kernel, *out) -> (N, groups, C / groups * kernel, L)
+    windows = windows.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return windows.reshape(n, groups, -1, math.prod(spatial)), spatial

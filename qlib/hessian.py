@@ -22,6 +22,8 @@ import torch
 
 from ._checks import check_float, check_int
 
+__all__ = ["TraceEstimate", "gradient_graph", "hessian_vector_product", "rademacher_like", "hutchinson_trace"]
+
 
 @dataclass
 class TraceEstimate:

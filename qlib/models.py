@@ -19,6 +19,9 @@ from torch import nn
 
 from ._checks import check_int
 
+__all__ = ["conv_bn_relu", "MnistCNN", "Mnist1DCNN", "BasicBlock", "ResNetCifar", "resnet20", "build_model",
+           "count_parameters", "MODELS"]
+
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dims: int = 2) -> nn.Sequential:
     """Convolution (no bias) -> batch norm -> ReLU, with 'same' padding for odd kernels."""

@@ -14,8 +14,9 @@ observers from fake-quantize modules.
   squared quantization error.
 
 Helpers apply observers and quantizers to a trained model without changing its code:
-:func:`observe_outputs`, :func:`fake_quantize_outputs` (static or dynamic activation
-ranges) and :func:`fake_quantize_weights` (per-tensor or per-channel weights).
+:func:`observe_outputs` and :func:`calibrate_observers`, :func:`capture_outputs` and
+:func:`capture_inputs`, :func:`fake_quantize_outputs` (static or dynamic activation ranges) and
+:func:`fake_quantize_weights` (per-tensor or per-channel weights).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ import torch
 from torch import nn
 
 from ._checks import check_axis, check_choice, check_float, check_float_array, check_int
-from .affine import SCHEMES, QuantParams, fake_quantize, qparams_from_range, qparams_from_tensor, tensor_range
+from .affine import SCHEMES, QuantParams, fake_quantize, qparams_from_range, qparams_from_tensor, qrange, scale_zero_point
+
+__all__ = ["Observer", "MinMaxObserver", "MovingAverageObserver", "PercentileObserver", "MSEObserver",
+           "observe_outputs", "calibrate_observers", "capture_outputs", "capture_inputs", "dynamic_qparams",
+           "fake_quantize_outputs", "fake_quantize_weights", "GRANULARITIES"]
 
 GRANULARITIES = ("per-tensor", "per-channel")
 
@@ -84,18 +89,22 @@ class _RangeObserver(Observer):
         return bool(torch.isfinite(self.min_val).all())
 
     def _batch_range(self, x: torch.Tensor):
-        if self.axis is not None:
-            check_axis(self.axis, x.ndim)
-        lo, hi = tensor_range(x, self.axis)
-        return torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        """Min and max of ``x`` (per channel along ``axis``), float32, on ``x``'s device."""
+        x = x.detach()
+        if self.axis is None:
+            return x.min().float(), x.max().float()
+        axis = check_axis(self.axis, x.ndim)
+        flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+        return flat.amin(dim=1).float(), flat.amax(dim=1).float()
 
     def clip_range(self, bits=8, scheme="asymmetric", signed=False, narrow_range=False):
         self._require_data(self.seen)
-        return self.min_val.double().numpy(), self.max_val.double().numpy()
+        return self.min_val.double().cpu().numpy(), self.max_val.double().cpu().numpy()
 
     def reset(self):
-        self.min_val = torch.tensor(float("inf"))
-        self.max_val = torch.tensor(float("-inf"))
+        """Forget everything observed (the buffers stay on their device)."""
+        self.min_val = torch.tensor(float("inf"), device=self.min_val.device)
+        self.max_val = torch.tensor(float("-inf"), device=self.max_val.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A per-channel observer learns its channel count from the data: take the saved shape.
@@ -216,15 +225,20 @@ class MSEObserver(_SampleObserver):
 
     def search(self, bits=8, scheme="asymmetric", signed=False, narrow_range=False):
         """Return ``(alphas, mse)`` over the candidate grid, for plotting the trade-off."""
+        from .quantizers.clip import clip_errors  # the one least-squared-error search of qlib
+
         check_choice(scheme, "scheme", SCHEMES)
         self._require_data(self.seen)
+        qmin, qmax = qrange(bits, signed, narrow_range)
         alphas = np.linspace(self.min_fraction, 1.0, self.num_candidates)
-        samples = self._reservoir.astype(np.float64)
-        errors = np.array([
-            np.mean((fake_quantize(samples, qparams_from_range(a * self._min, a * self._max, bits, scheme,
-                                                              signed, narrow_range)) - samples) ** 2)
-            for a in alphas])
-        return alphas, errors
+
+        def project(samples, a):  # the grid of qparams_from_range(a min, a max), integer zero-point
+            scale, zero_point = scale_zero_point(a * self._min, a * self._max, bits, scheme, signed, narrow_range)
+            scale, zero_point = scale.double(), zero_point.double()
+            return (torch.clamp(torch.round(samples / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+        errors = clip_errors(torch.from_numpy(self._reservoir.astype(np.float64)), project, torch.from_numpy(alphas))
+        return alphas, errors.numpy()
 
     def clip_range(self, bits=8, scheme="asymmetric", signed=False, narrow_range=False):
         alphas, errors = self.search(bits, scheme, signed, narrow_range)
@@ -251,7 +265,8 @@ def observe_outputs(model: nn.Module, observers: Mapping[str, Observer]):
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, names, batches, make_observer: Callable[[], Observer]) -> dict[str, Observer]:
+def calibrate_observers(model: nn.Module, names, batches, make_observer: Callable[[], Observer]
+                        ) -> dict[str, Observer]:
     """Run calibration ``batches`` through ``model`` (eval mode) with a fresh observer on each named output.
 
     ``batches`` yields input tensors (or ``(x, y)`` pairs, whose labels are ignored).
@@ -273,10 +288,27 @@ def calibrate(model: nn.Module, names, batches, make_observer: Callable[[], Obse
 @torch.no_grad()
 def capture_outputs(model: nn.Module, names, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run ``model`` (in eval mode) on ``x`` and return the outputs of the named submodules."""
+    return _capture(model, names, x, inputs=False)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, names, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run ``model`` (in eval mode) on ``x`` and return the (first) input of each named submodule:
+    e.g. what a layer's input quantizer sees."""
+    return _capture(model, names, x, inputs=True)
+
+
+def _capture(model, names, x, inputs: bool):
     modules = _named_submodules(model, names)
     captured = {}
-    handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
-               for name in names]
+
+    def keep(name, value):
+        captured[name] = value.detach()
+
+    if inputs:
+        handles = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: keep(n, args[0])) for n in names]
+    else:
+        handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: keep(n, out)) for n in names]
     was_training = model.training
     model.eval()
     try:
@@ -285,7 +317,10 @@ def capture_outputs(model: nn.Module, names, x: torch.Tensor) -> dict[str, torch
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {name: captured[name].detach() for name in names}
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise ValueError(f"the forward pass never called {missing}")
+    return {name: captured[name] for name in names}
 
 
 def dynamic_qparams(bits: int = 8, scheme: str = "asymmetric", signed: bool = False,

@@ -17,6 +17,10 @@ from ._checks import check_bits, check_choice, check_float, check_float_array, c
 from .affine import SCHEMES, as_float64_numpy, fake_quantize, qparams_from_range, qparams_from_tensor, sqnr_db
 from .fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
+__all__ = ["publish", "use_book_style", "draw_quantization", "quantization_explorer", "draw_channel_ranges",
+           "granularity_explorer", "draw_multiplier", "multiplier_explorer", "draw_lsb_histogram",
+           "BOOK_STYLE"]
+
 BOOK_STYLE = {
     # Opaque white backgrounds, so figures stay readable on the book's dark theme.
     "figure.facecolor": "white",

@@ -6,9 +6,11 @@ from :mod:`qlib.quantizers`: one for its weights and one for its input activatio
 pass then computes with fake-quantized weights and inputs, and the backward pass uses each
 quantizer's own gradient, so that ordinary training adapts the network to its grid.
 
-Weight and activation methods are named (``"ste"``, ``"lsq"``, ``"pact"``, ``"lsq+"``, ``"dsq"``,
-``"daq"``, ``"ewgs"``, ``"apot"``, ``"apot+ewgs"``) or given as factories; the first and the last
-layer keep 8 bits by default, as the papers do.
+Weight and activation methods are named, a grid optionally ``+`` a rounding gradient (``"minmax"``,
+``"jacob"``, ``"lsq"``, ``"pact"``, ``"lsq+"``, ``"lsq+dsq"``, ``"apot+ewgs"``, ...; see
+:mod:`qlib.quantizers.registry`), or given as factories; the first and the last layer keep 8 bits
+by default, as the papers do. :func:`calibrate_quantizers` sets the quantizers' ranges from data
+(post-training quantization, or the start of QAT).
 """
 
 from __future__ import annotations
@@ -21,69 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_bits, check_bool
-from .quantizers import DAQ, DSQ, EWGS, LSQ, PACT, APoT, LSQPlus, Quantizer, RangeFakeQuantizer
-from .quantizers.apot import APOT_BITS
+from .quantizers import Quantizer, make_quantizer, method_names
 
-#: Weight quantization methods known by name to :func:`prepare`.
-WEIGHT_METHODS = ("ste", "lsq", "dsq", "daq", "ewgs", "apot", "apot+ewgs")
+__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantConvBn", "prepare",
+           "calibrate_quantizers", "set_quantization", "freeze_batchnorm_statistics", "quantized_layers",
+           "WEIGHT_METHODS", "ACT_METHODS"]
+
+#: Weight quantization methods known by name to :func:`prepare` (see :mod:`qlib.quantizers.registry`).
+WEIGHT_METHODS = tuple(method_names("weight"))
 #: Activation quantization methods known by name to :func:`prepare`.
-ACT_METHODS = ("ste", "pact", "lsq", "lsq+", "dsq", "daq", "ewgs", "apot", "apot+ewgs")
-#: The methods that share LSQ's learned uniform grid and differ in the gradient of its rounding.
-_STEPPED = {"lsq": LSQ, "dsq": DSQ, "daq": DAQ, "ewgs": EWGS}
+ACT_METHODS = tuple(method_names("act"))
 
 
-def weight_quantizer(method: str, bits: int, per_channel: bool = True) -> Quantizer:
-    """A weight quantizer: signed, symmetric, one scale per output channel by default.
+class QuantLayer:
+    """A quantized layer: ``weight_quantizer`` (required) and ``input_quantizer`` (may be None).
 
-    ``"ste"``: the min/max of the current weights (narrow range), straight-through gradient
-    (Jacob et al.); ``"lsq"``: a learned step (Esser et al.); ``"dsq"``, ``"daq"``, ``"ewgs"``: LSQ's
-    grid with those methods' gradients for the rounding; ``"apot"``: additive powers of two with a
-    learned clip, per tensor, ``"apot+ewgs"`` with EWGS's gradient (bit widths APoT does not cover,
-    such as the 8-bit first and last layers, get LSQ).
+    What :mod:`qlib.engine` reads from a prepared model: every ``QuantLayer`` and
+    :class:`QuantConvBn` exports its weights with ``weight_quantizer.export(weight)`` and its input
+    grid with ``input_quantizer.qparams()``.
     """
-    axis = 0 if per_channel else None
-    if method == "ste":
-        return RangeFakeQuantizer(bits, signed=True, scheme="symmetric", narrow_range=True, axis=axis,
-                                  range="current")
-    if method in _STEPPED:
-        return _STEPPED[method](bits, signed=True, axis=axis)
-    if method in ("apot", "apot+ewgs"):
-        if bits - 1 not in APOT_BITS:  # the 8-bit first and last layers stay uniform, as in the paper
-            return LSQ(bits, signed=True, axis=axis)
-        return APoT(bits, signed=True, ewgs=method == "apot+ewgs")
-    raise ValueError(f"weight method must be one of {WEIGHT_METHODS}, got {method!r}")
-
-
-def act_quantizer(method: str, bits: int, signed: bool = False) -> Quantizer:
-    """An activation quantizer. ``signed`` inputs (e.g. standardised images) rule out PACT's ``[0, alpha]``.
-
-    ``"ste"``: moving-average min/max ranges, asymmetric (Jacob et al.); ``"pact"``: a learned
-    clipping level; ``"lsq"``: a learned step; ``"lsq+"``: a learned step and offset; ``"dsq"``,
-    ``"daq"``, ``"ewgs"``, ``"apot"``, ``"apot+ewgs"`` as for the weights (APoT's levels are for
-    unsigned inputs; signed ones get LSQ). The learned
-    parameters are set from the first batch the quantizer sees (:func:`calibrate`): LSQ as its
-    paper does, LSQ+ and PACT at the least-squared-error clipping range, which suits fine-tuning a
-    trained network (for PACT from scratch, pass a factory with the paper's fixed ``alpha=10``).
-    """
-    if method == "ste":
-        return RangeFakeQuantizer(bits, signed=signed, scheme="asymmetric", range="ema")
-    if method == "pact":
-        if signed:
-            return RangeFakeQuantizer(bits, signed=True, scheme="asymmetric", range="ema")
-        return PACT(bits, alpha=None)
-    if method in _STEPPED:
-        return _STEPPED[method](bits, signed=signed)
-    if method in ("apot", "apot+ewgs"):
-        if signed or bits not in APOT_BITS:
-            return LSQ(bits, signed=signed)
-        return APoT(bits, signed=False, ewgs=method == "apot+ewgs")
-    if method == "lsq+":
-        return LSQPlus(bits, signed=signed)
-    raise ValueError(f"act method must be one of {ACT_METHODS}, got {method!r}")
-
-
-class _QuantMixin:
-    """Holds the quantizers; ``weight_quantizer`` is required, ``input_quantizer`` may be None."""
 
     def _attach(self, weight_q: Quantizer, input_q: Quantizer | None):
         for name, q in (("weight_quantizer", weight_q), ("input_quantizer", input_q)):
@@ -99,21 +57,21 @@ class _QuantMixin:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
 
-class QuantConv1d(_QuantMixin, nn.Conv1d):
+class QuantConv1d(QuantLayer, nn.Conv1d):
     """``Conv1d`` computing with fake-quantized weights and inputs."""
 
     def forward(self, x):
         return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantConv2d(_QuantMixin, nn.Conv2d):
+class QuantConv2d(QuantLayer, nn.Conv2d):
     """``Conv2d`` computing with fake-quantized weights and inputs."""
 
     def forward(self, x):
         return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantLinear(_QuantMixin, nn.Linear):
+class QuantLinear(QuantLayer, nn.Linear):
     """``Linear`` computing with fake-quantized weights and inputs."""
 
     def forward(self, x):
@@ -215,7 +173,7 @@ def _quantized_twin(module: nn.Module, weight_q: Quantizer, input_q: Quantizer |
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The quantized conv/linear layers (and conv + batch norm pairs) of a prepared model, in order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (_QuantMixin, QuantConvBn))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLayer, QuantConvBn))]
 
 
 def freeze_batchnorm_statistics(model: nn.Module, frozen: bool = True) -> nn.Module:
@@ -226,7 +184,7 @@ def freeze_batchnorm_statistics(model: nn.Module, frozen: bool = True) -> nn.Mod
     return model
 
 
-def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callable = "ste", bits: int = 4,
+def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callable = "lsq", bits: int = 4,
             act_bits: int | None = None, first_last_bits: int | None = 8, per_channel: bool = True,
             example_input: torch.Tensor | None = None, fold_bn: bool = False) -> nn.Module:
     """A copy of ``model`` whose conv and linear layers quantize their weights and inputs.
@@ -234,13 +192,17 @@ def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callabl
     Parameters
     ----------
     weight, act : str
-        Method names (see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS`), or instead factories
-        ``weight(bits, module) -> Quantizer`` and ``act(bits, signed) -> Quantizer``.
+        Method names, a grid optionally ``+`` a rounding gradient (``"lsq"``, ``"minmax"``,
+        ``"apot+ewgs"``, ...; see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS` and
+        :mod:`qlib.quantizers.registry`), or instead factories ``weight(bits, module) -> Quantizer``
+        and ``act(bits, signed) -> Quantizer``.
     bits, act_bits : int
         Weight and activation bit widths (``act_bits`` defaults to ``bits``).
     first_last_bits : int or None
         Bit width of the first and last layer (weights and inputs); ``None`` treats them like
         the others.
+    per_channel : bool
+        One weight scale per output channel, for the grids that offer both.
     example_input : torch.Tensor, optional
         A batch used to find which layers see negative inputs (those get signed activation
         codes). Without it, only the first layer's input is taken as signed.
@@ -254,12 +216,15 @@ def prepare(model: nn.Module, weight: str | Callable = "ste", act: str | Callabl
     act_bits = bits if act_bits is None else check_bits(act_bits, "act_bits")
     edge_bits = None if first_last_bits is None else check_bits(first_last_bits, "first_last_bits")
     check_bool(per_channel, "per_channel")
-    make_weight = weight if callable(weight) else (lambda b, m: weight_quantizer(weight, b, per_channel))
-    make_act = act if callable(act) else (lambda b, signed: act_quantizer(act, b, signed))
-    if not callable(weight) and weight not in WEIGHT_METHODS:
-        raise ValueError(f"weight must be one of {WEIGHT_METHODS} or a callable, got {weight!r}")
-    if not callable(act) and act not in ACT_METHODS:
-        raise ValueError(f"act must be one of {ACT_METHODS} or a callable, got {act!r}")
+    for role, method in (("weight", weight), ("act", act)):
+        if not callable(method):
+            try:
+                make_quantizer(method, 8, role)  # a bad name fails here, before any copying
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{role}: {error}") from None
+    make_weight = weight if callable(weight) else (
+        lambda b, m: make_quantizer(weight, b, "weight", per_channel=per_channel))
+    make_act = act if callable(act) else (lambda b, signed: make_quantizer(act, b, "act", signed=signed))
 
     prepared = copy.deepcopy(model)
     targets = [(n, m) for n, m in prepared.named_modules() if type(m) in _TWINS]
@@ -302,12 +267,16 @@ def _signed_inputs(model, targets, example_input) -> dict[str, bool]:
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            model(example_input.to(_device(model)))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
     return {name: minima.get(name, 0.0) < 0 for name, _ in targets}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
@@ -317,7 +286,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches) -> nn.Module:
+def calibrate_quantizers(model: nn.Module, batches) -> nn.Module:
     """Set the quantizers' ranges from data without training (post-training quantization).
 
     The network stays in eval mode (batch norms use their running statistics) while the
@@ -331,8 +300,9 @@ def calibrate(model: nn.Module, batches) -> nn.Module:
     for q in quantizers:
         q.train()
     seen = False
+    device = _device(model)
     for batch in batches:
-        model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
         seen = True
     model.eval()
     if not seen:

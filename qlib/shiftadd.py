@@ -12,9 +12,12 @@ and a whole layer is ``y = s_w s_a * sum_e S_e @ (patches << e) + bias``, with `
 of signs in ``{-1, 0, 1}`` of the term ``2^e`` of each weight and ``patches`` the unfolded input
 codes (im2col). A product with a sign matrix needs no multiplier: it adds, subtracts or skips.
 
-:class:`ShiftAddLayer` runs a trained ``QuantConv1d``, ``QuantConv2d`` or ``QuantLinear`` this way,
-with every integer in int64, next to :meth:`ShiftAddLayer.multiply_accumulate`, the same
-accumulator from ordinary integer products.
+:class:`ShiftAddWeights` holds those sign matrices and accumulates by shifts and additions. Two
+things use it: :class:`ShiftAddLayer` runs one trained ``QuantConv1d``, ``QuantConv2d`` or
+``QuantLinear`` this way (float in, float out, every integer in int64, next to
+:meth:`ShiftAddLayer.multiply_accumulate`, the same accumulator from ordinary integer products), and
+the integer engine's :class:`qlib.engine.IntShiftAdd` runs such layers inside a converted network,
+code to code.
 
 Where it can differ from the fake-quant float layer:
 
@@ -47,16 +50,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .quantizers import APoT, Quantizer
-from .quantizers.apot import nearest_level
+from .gemm import im2col
+from .quantizers import Quantizer
 
-__all__ = ["power_of_two_terms", "term_counts", "max_terms", "ShiftAddLayer"]
+__all__ = ["power_of_two_terms", "term_counts", "max_terms", "ShiftAddWeights", "ShiftAddLayer"]
 
 _INT64_LIMIT = 2**63 - 1
-_SUPPORTED_INPUTS = "an unsigned APoT (any grid) or a uniform quantizer with per-tensor qparams() and zero-point 0"
 
 
-def _check_codes(codes, name: str = "codes") -> torch.Tensor:
+def _as_int64_codes(codes, name: str = "codes") -> torch.Tensor:
     """An integer tensor as int64; refuses floats, bools and the one int64 value without a magnitude."""
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(codes).__name__}")
@@ -83,7 +85,7 @@ def power_of_two_terms(codes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         int64 tensor of the codes' shape in ``{-1, 0, 1}``, the sign of the code where bit ``e`` of
         ``|code|`` is set and 0 elsewhere. Codes that are all zero give an empty list.
     """
-    codes = _check_codes(codes)
+    codes = _as_int64_codes(codes)
     if codes.numel() == 0:
         return []
     magnitude, sign = codes.abs(), codes.sign()
@@ -97,7 +99,7 @@ def power_of_two_terms(codes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 def term_counts(codes: torch.Tensor) -> torch.Tensor:
     """The number of nonzero power-of-two terms (set bits of ``|code|``) of each code, int64."""
-    counts = torch.zeros(_check_codes(codes).shape, dtype=torch.int64)
+    counts = torch.zeros(_as_int64_codes(codes).shape, dtype=torch.int64)
     for _, signs in power_of_two_terms(codes):
         counts += signs.abs().to(counts.device)
     return counts.to(codes.device)
@@ -112,12 +114,6 @@ def max_terms(codes: torch.Tensor) -> int:
     return int(counts.max()) if counts.numel() else 0
 
 
-def _layer_types():
-    from .qat import QuantConv1d, QuantConv2d, QuantLinear
-
-    return {QuantLinear: "linear", QuantConv1d: "conv1d", QuantConv2d: "conv2d"}
-
-
 def _pair_padding(padding, kernel, dilation) -> list[tuple[int, int]]:
     """``(before, after)`` zero padding per spatial dimension, for explicit sizes, ``"valid"`` or ``"same"``."""
     if padding == "valid":
@@ -128,15 +124,73 @@ def _pair_padding(padding, kernel, dilation) -> list[tuple[int, int]]:
     return [(int(p), int(p)) for p in padding]
 
 
+class ShiftAddWeights:
+    """Integer weight codes as sign matrices per power of two, multiplied by shifts and additions.
+
+    ``kind`` is ``"linear"``, ``"conv1d"`` or ``"conv2d"``; a convolution also takes ``stride``,
+    ``padding`` (sizes, or ``(before, after)`` pairs per dimension), ``dilation`` and ``groups``.
+    :meth:`accumulate` takes integer input codes whose real value 0 is code 0 (centre them first).
+    """
+
+    KINDS = ("linear", "conv1d", "conv2d")
+
+    def __init__(self, kind: str, codes: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind, self.dims = kind, 0 if kind == "linear" else int(kind[4])
+        codes = _as_int64_codes(codes, "weight_codes").detach().cpu()
+        if codes.ndim != self.dims + 2:
+            raise ValueError(f"weight_codes of a {kind} layer must have {self.dims + 2} dimensions, "
+                             f"got shape {tuple(codes.shape)}")
+        self.codes = codes
+        out_channels = codes.shape[0]
+        self.groups = int(groups) if self.dims else 1
+        if out_channels % self.groups:
+            raise ValueError(f"groups ({groups}) must divide the {out_channels} output channels")
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        # the sign matrix of each term, laid out for the product with the patches:
+        # (groups, out / groups, in / groups * kernel) for a convolution, (out, in) for a linear layer
+        self.terms = power_of_two_terms(codes)
+        rows = (self.groups, out_channels // self.groups, -1) if self.dims else (out_channels, -1)
+        self._signs = [(e, signs.reshape(rows)) for e, signs in self.terms]
+        self.row_l1 = int(codes.reshape(out_channels, -1).abs().sum(1).max()) if codes.numel() else 0
+
+    def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
+        """``sum_e S_e @ (patches << e)`` in int64 for batched codes, shaped like the layer's output.
+
+        Only shifts and additions: each input code is shifted by every exponent a weight uses, and
+        the product with the sign matrix ``S_e`` (entries -1, 0, 1) adds, subtracts or skips it.
+        """
+        if self.dims == 0:
+            acc = torch.zeros((*codes.shape[:-1], self.codes.shape[0]), dtype=torch.int64)
+            for e, signs in self._signs:
+                acc += torch.bitwise_left_shift(codes, e) @ signs.t()
+            return acc
+        columns, spatial = im2col(codes, tuple(self.codes.shape[2:]), self.stride, self.padding, self.dilation,
+                                  self.groups)
+        n, out_per_group = codes.shape[0], self.codes.shape[0] // self.groups
+        acc = torch.zeros((n, self.groups, out_per_group, columns.shape[-1]), dtype=torch.int64)
+        for e, signs in self._signs:
+            acc += signs @ torch.bitwise_left_shift(columns, e)
+        return acc.reshape(n, -1, *spatial)
+
+
+def _layer_types():
+    from .qat import QuantConv1d, QuantConv2d, QuantLinear
+
+    return {QuantLinear: "linear", QuantConv1d: "conv1d", QuantConv2d: "conv2d"}
+
+
 class ShiftAddLayer:
     """A quantized conv/linear layer run in integers, each weight product as shifts and additions.
 
     Build it with :meth:`from_module` from a ``QuantConv1d``, ``QuantConv2d`` or ``QuantLinear``
-    (:mod:`qlib.qat`) whose weight quantizer is an :class:`~qlib.quantizers.APoT` with
-    ``grid="apot"`` or ``"pot"``. Calling it on a float input quantizes the input to codes
-    (:meth:`quantize_input`), accumulates with shifts and additions (:meth:`accumulate`) and
-    rescales: ``acc * (s_w s_a) + bias``. No autograd; the integer work runs on the CPU (PyTorch has
-    no int64 matrix product on GPUs), and :meth:`forward` returns its output on the input's device.
+    (:mod:`qlib.qat`) whose weight quantizer exports power-of-two codes (an
+    :class:`~qlib.quantizers.APoT` with ``grid="apot"`` or ``"pot"``). Calling it on a float input
+    quantizes the input to codes (:meth:`quantize_input`), accumulates with shifts and additions
+    (:meth:`accumulate`) and rescales: ``acc * (s_w s_a) + bias``. No autograd; the integer work
+    runs on the CPU (PyTorch has no int64 matrix product on GPUs), and :meth:`forward` returns its
+    output on the input's device.
 
     Parameters
     ----------
@@ -147,60 +201,53 @@ class ShiftAddLayer:
     weight_scale : float
         The real value of weight code 1.
     input_quantizer : qlib.quantizers.Quantizer
-        An unsigned :class:`~qlib.quantizers.APoT` (any grid) or a uniform quantizer whose
-        ``qparams()`` is per-tensor with zero-point 0; it is copied.
+        A quantizer whose :meth:`~qlib.quantizers.Quantizer.export` gives per-tensor codes with
+        zero-point 0 (an unsigned APoT of any grid, LSQ, PACT, ...); it is copied.
     bias : torch.Tensor, optional
         Float bias, one per output channel.
     stride, padding, dilation, groups
         As the convolution's (ignored for ``"linear"``); ``padding`` may be ``"valid"`` or ``"same"``.
     """
 
-    KINDS = ("linear", "conv1d", "conv2d")
+    KINDS = ShiftAddWeights.KINDS
 
     def __init__(self, kind: str, weight_codes: torch.Tensor, weight_scale: float, input_quantizer: Quantizer,
                  bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1):
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        self.kind = kind
-        self.dims = 0 if kind == "linear" else int(kind[4])
-        weight_codes = _check_codes(weight_codes, "weight_codes").detach().cpu()
-        if weight_codes.ndim != self.dims + 2:
-            raise ValueError(f"weight_codes of a {kind} layer must have {self.dims + 2} dimensions, "
-                             f"got shape {tuple(weight_codes.shape)}")
-        self.weight_codes = weight_codes
+        dims = 0 if kind == "linear" else int(kind[4])
+        codes = _as_int64_codes(weight_codes, "weight_codes")
+        conv = {}
+        if dims:
+            if codes.ndim != dims + 2:
+                raise ValueError(f"weight_codes of a {kind} layer must have {dims + 2} dimensions, "
+                                 f"got shape {tuple(codes.shape)}")
+            if isinstance(padding, str) and padding not in ("valid", "same"):
+                raise ValueError(f"padding must be sizes, 'valid' or 'same', got {padding!r}")
+            stride, dilation = self._per_dim(stride, "stride", dims), self._per_dim(dilation, "dilation", dims)
+            padding = padding if isinstance(padding, str) else self._per_dim(padding, "padding", dims, 0)
+            conv = dict(stride=stride, padding=_pair_padding(padding, codes.shape[2:], dilation), dilation=dilation,
+                        groups=int(groups))
+            self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.weights = ShiftAddWeights(kind, codes, **conv)
+        self.kind, self.dims, self.groups = kind, dims, self.weights.groups
+        self.weight_codes, self.terms = self.weights.codes, self.weights.terms
         self.weight_scale = float(weight_scale)
         if not (math.isfinite(self.weight_scale) and self.weight_scale > 0):
             raise ValueError(f"weight_scale must be finite and > 0, got {weight_scale}")
         self._set_input_quantizer(input_quantizer)
-        out_channels = weight_codes.shape[0]
+        out_channels = codes.shape[0]
         if bias is not None:
             bias = bias.detach().cpu().double().reshape(-1)
             if bias.numel() != out_channels:
                 raise ValueError(f"bias must have {out_channels} entries (one per output channel), got {bias.numel()}")
         self.bias = bias
-        self.groups = 1
-        if self.dims:
-            self.stride, self.dilation = self._per_dim(stride, "stride"), self._per_dim(dilation, "dilation")
-            self.groups = int(groups)
-            if out_channels % self.groups:
-                raise ValueError(f"groups ({groups}) must divide the {out_channels} output channels")
-            kernel = tuple(weight_codes.shape[2:])
-            self.padding = padding if isinstance(padding, str) else self._per_dim(padding, "padding", 0)
-            if isinstance(padding, str) and padding not in ("valid", "same"):
-                raise ValueError(f"padding must be sizes, 'valid' or 'same', got {padding!r}")
-            self._pads = _pair_padding(self.padding, kernel, self.dilation)
-        # The terms, and their sign matrices laid out for the product with the patches:
-        # (groups, out / groups, in / groups * kernel) for a convolution, (out, in) for a linear layer.
-        self.terms = power_of_two_terms(weight_codes)
-        rows = (self.groups, out_channels // self.groups, -1) if self.dims else (out_channels, -1)
-        self._signs = [(e, s.reshape(rows)) for e, s in self.terms]
-        self._weight_matrix_l1 = int(weight_codes.reshape(out_channels, -1).abs().sum(1).max()) \
-            if weight_codes.numel() else 0
 
-    def _per_dim(self, value, name: str, low: int = 1) -> tuple[int, ...]:
-        values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * self.dims
-        if len(values) != self.dims or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
-            raise ValueError(f"{name} must be an integer >= {low} or {self.dims} of them, got {value!r}")
+    @staticmethod
+    def _per_dim(value, name: str, dims: int, low: int = 1) -> tuple[int, ...]:
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+        if len(values) != dims or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+            raise ValueError(f"{name} must be an integer >= {low} or {dims} of them, got {value!r}")
         return values
 
     # -- construction ------------------------------------------------------------------------------
@@ -209,35 +256,29 @@ class ShiftAddLayer:
     def from_module(cls, layer) -> ShiftAddLayer:
         """The shift-add form of a trained ``QuantConv1d``, ``QuantConv2d`` or ``QuantLinear``.
 
-        The weight quantizer must be an :class:`~qlib.quantizers.APoT` with ``grid="apot"`` or
-        ``"pot"`` (its codes are exported with ``codes(layer.weight)``); the input quantizer an
-        unsigned ``APoT`` (any grid) or a uniform quantizer with per-tensor ``qparams()`` and
-        zero-point 0 (such as unsigned LSQ or PACT). Both must be enabled and initialised (call the
-        layer once on data). The layer's parameters are read now: later training does not change
-        the returned object.
+        The weight quantizer must export power-of-two codes (an :class:`~qlib.quantizers.APoT` with
+        ``grid="apot"`` or ``"pot"``); the input quantizer must export per-tensor codes with zero-point 0.
+        Both must be enabled and initialised (call the layer once on data). The layer's parameters
+        are read now: later training does not change the returned object.
         """
-        types = _layer_types()
-        kind = types.get(type(layer))
+        kind = _layer_types().get(type(layer))
         if kind is None:
             hint = " (convert a QuantConvBn with to_quantized_conv() first)" if hasattr(layer, "folded") else ""
             raise TypeError("layer must be a qlib.qat QuantConv1d, QuantConv2d or QuantLinear (see qlib.qat.prepare)"
                             f"{hint}, got {type(layer).__name__}")
         wq = layer.weight_quantizer
-        if not isinstance(wq, APoT):
-            raise TypeError("ShiftAddLayer needs an APoT weight quantizer with grid 'apot' or 'pot', got "
-                            f"{type(wq).__name__}; uniform weights run in qlib.engine")
-        if wq.grid not in ("apot", "pot"):
-            raise ValueError(f"ShiftAddLayer needs an APoT weight quantizer with grid 'apot' or 'pot', got "
-                             f"grid={wq.grid!r}; uniform weights run in qlib.engine")
         if not wq.enabled:
             raise ValueError("the layer's weight quantizer is disabled: its float weights have no integer codes")
-        weight_codes, weight_scale = wq.codes(layer.weight.detach())
+        export = wq.export(layer.weight.detach())
+        if export.grid not in ("apot", "pot"):
+            raise ValueError(f"ShiftAddLayer needs power-of-two weight codes (APoT with grid 'apot' or 'pot'), got "
+                             f"{type(wq).__name__} with a {export.grid} grid; uniform weights run in qlib.engine")
         kwargs = {}
         if kind != "linear":
             if layer.padding_mode != "zeros":
                 raise ValueError(f"ShiftAddLayer supports zero padding only, got padding_mode={layer.padding_mode!r}")
             kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-        return cls(kind, weight_codes, weight_scale, layer.input_quantizer, layer.bias, **kwargs)
+        return cls(kind, export.codes, float(export.scale), layer.input_quantizer, layer.bias, **kwargs)
 
     def _set_input_quantizer(self, q):
         if q is None or not isinstance(q, Quantizer):
@@ -245,52 +286,27 @@ class ShiftAddLayer:
                             f"into integer codes, got {type(q).__name__}")
         if not q.enabled:
             raise ValueError("the input quantizer is disabled: its float inputs have no integer codes")
-        if isinstance(q, APoT):
-            if q.signed:
-                raise ValueError(f"the input quantizer must be {_SUPPORTED_INPUTS}; got a signed APoT")
-            q._check_initialized()
-            self._input_mode = "apot-uniform" if q.grid == "uniform" else "apot"
-        else:
-            self._uniform_qparams(q)
-            self._input_mode = "uniform"
         self.input_quantizer = copy.deepcopy(q).cpu().eval()
-
-    @staticmethod
-    def _uniform_qparams(q):
-        qp = q.qparams()  # raises for quantizers without a uniform grid, or not yet initialised
-        if qp.axis is not None or int(qp.zero_point) != 0:
-            raise ValueError(f"the input quantizer must be {_SUPPORTED_INPUTS}; got {type(q).__name__} with "
-                             f"axis={qp.axis}, zero_point={qp.zero_point.tolist()}")
-        return qp
+        if not bool(self.input_quantizer.initialized):
+            raise ValueError(f"the input quantizer ({type(q).__name__}) has not been initialised: call the layer "
+                             "on data first")
 
     # -- the integer path --------------------------------------------------------------------------
     @torch.no_grad()
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(codes, scale)``: int64 input codes (on the CPU) with ``x ~ scale * codes``, the values
-        the layer's input quantizer outputs."""
+        the layer's input quantizer outputs (its :meth:`~qlib.quantizers.Quantizer.export`)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        x = x.detach().cpu()
-        q = self.input_quantizer
-        if self._input_mode == "apot":
-            return q.codes(x)
-        if self._input_mode == "apot-uniform":
-            # Levels k / (2^b - 1): the index of the nearest level is the code, chosen exactly as forward does.
-            std = q._statistics(x)[1]
-            u = torch.clamp(q.normalize_input(x) / q.positive_alpha(), 0.0, 1.0)
-            index, _ = nearest_level(u, q.level_set)
-            return index.to(torch.int64), float(q.positive_alpha() * std) / (2**q.bits - 1)
-        # Read the codes off the quantizer's own output, k * s (its arithmetic may differ from x / s by an ulp:
-        # LSQ divides by s * g + (s - s * g), PyTorch's kernels multiply by 1 / s), so they are the codes it used.
-        y = q(x)
-        qp = self._uniform_qparams(q)  # after the call: a range taken from the current input is now set
-        scale = float(qp.scale)
-        codes = torch.round(y.double() / scale).clamp(qp.qmin, qp.qmax)
-        return codes.to(torch.int64), scale
+        export = self.input_quantizer.export(x.detach().cpu())
+        if export.axis is not None or bool((export.zero_point != 0).any()):
+            raise ValueError("the input quantizer must export per-tensor codes with zero-point 0, got "
+                             f"axis={export.axis}, zero_point={export.zero_point.tolist()}")
+        return export.codes, float(export.scale)
 
     def _check_input_codes(self, codes) -> tuple[torch.Tensor, bool]:
         """The codes as batched int64 on the CPU, and whether a batch dimension was added."""
-        codes = _check_codes(codes).cpu()
+        codes = _as_int64_codes(codes).cpu()
         in_features = self.weight_codes.shape[1] * self.groups
         if self.dims == 0:
             if codes.ndim == 0 or codes.shape[-1] != in_features:
@@ -305,51 +321,17 @@ class ShiftAddLayer:
     def _check_range(self, codes):
         # |acc| <= max|code| * (largest row sum of |weight codes|): refuse what int64 could not hold
         top = int(codes.abs().max()) if codes.numel() else 0
-        if top * self._weight_matrix_l1 > _INT64_LIMIT:
+        if top * self.weights.row_l1 > _INT64_LIMIT:
             raise ValueError("input codes this large could overflow the int64 accumulator")
-
-    def _patches(self, codes: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """im2col of batched codes: ``(N, groups, in / groups * kernel, L)`` and the output's spatial shape.
-
-        Padding with code 0 is exact: code 0 is the real value 0 (zero-point 0).
-        """
-        pad = [p for before_after in reversed(self._pads) for p in before_after]
-        patches = F.pad(codes, pad) if any(pad) else codes
-        kernel = self.weight_codes.shape[2:]
-        for d in range(self.dims):  # Tensor.unfold works on integers (F.unfold does not)
-            span = (kernel[d] - 1) * self.dilation[d] + 1
-            patches = patches.unfold(2 + d, span, self.stride[d])
-            if self.dilation[d] > 1:
-                patches = patches[..., ::self.dilation[d]]
-        # (N, C, *out, *kernel) -> (N, C, *kernel, *out) -> (N, groups, C / groups * kernel, L)
-        n, dims = codes.shape[0], self.dims
-        spatial = tuple(patches.shape[2:2 + dims])
-        patches = patches.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
-        return patches.reshape(n, self.groups, -1, math.prod(spatial)), spatial
 
     @torch.no_grad()
     def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        """The int64 accumulator ``sum_e S_e @ (patches << e)``, shaped like the layer's output.
-
-        Only shifts and additions: each input code is shifted by every exponent a weight uses, and
-        the product with the sign matrix ``S_e`` (entries -1, 0, 1) adds, subtracts or skips it.
-        """
+        """The int64 accumulator ``sum_e S_e @ (patches << e)``, shaped like the layer's output
+        (:meth:`ShiftAddWeights.accumulate`). Padding with code 0 is exact: code 0 is the real value 0."""
         codes, unbatched = self._check_input_codes(codes)
         self._check_range(codes)
-        if self.dims == 0:
-            acc = torch.zeros((*codes.shape[:-1], self.weight_codes.shape[0]), dtype=torch.int64)
-            for e, signs in self._signs:
-                # (x << e) @ S_e^T: a matmul with a {-1, 0, 1} matrix, i.e. additions and subtractions
-                acc += torch.bitwise_left_shift(codes, e) @ signs.t()
-            return acc
-        patches, spatial = self._patches(codes)
-        out_per_group = self.weight_codes.shape[0] // self.groups
-        acc = torch.zeros((codes.shape[0], self.groups, out_per_group, patches.shape[-1]), dtype=torch.int64)
-        for e, signs in self._signs:
-            # S_e @ (patches << e), per group: a matmul with a {-1, 0, 1} matrix, i.e. additions and subtractions
-            acc += signs @ torch.bitwise_left_shift(patches, e)
-        acc = acc.reshape(codes.shape[0], -1, *spatial)
-        return acc[0] if unbatched else acc
+        acc = self.weights.accumulate(codes)
+        return acc[0] if unbatched and self.dims else acc
 
     @torch.no_grad()
     def multiply_accumulate(self, codes: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,10 @@ from ._checks import check_choice, check_float, check_int
 from .data import Dataset, load, random_crop_flip
 from .models import build_model
 
+__all__ = ["seed_everything", "TrainConfig", "predict", "accuracy", "evaluate", "mean_std", "make_optimizer",
+           "train", "save_checkpoint", "load_checkpoint", "cache_dir", "Recipe", "pretrained", "RECIPES",
+           "OPTIMIZERS"]
+
 CHECKPOINT_FORMAT = 1
 OPTIMIZERS = ("adam", "sgd")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qlib import qat
-from qlib.quantizers import APoT, LSQ, apot_levels, grid_codes, local_gap, nearest_level, pot_levels, uniform_levels
+from qlib.quantizers import EWGS, APoT, LSQ, apot_levels, grid_codes, local_gap, nearest_level, pot_levels, uniform_levels
 
 
 def as_list(t):
@@ -90,8 +90,9 @@ def test_standardisation_keeps_the_weights_scale():
     values = y.detach().unique()
     assert (values[:, None] - levels[None, :]).abs().min(1).values.max() < 1e-7   # every output is a level
     assert float(values.abs().max()) <= 3.0 * float(std) + 1e-7   # the weights' scale, not units of std
-    codes, scale = q.codes(w)
-    assert torch.allclose(codes.float() * scale, y, atol=1e-7)
+    export = q.export(w)
+    assert export.grid == "apot" and int(export.zero_point) == 0
+    assert torch.allclose(export.dequantize().float(), y, atol=1e-7)
 
 
 def test_default_alpha_is_the_least_squared_error_clip():
@@ -117,23 +118,23 @@ def test_ewgs_on_apot_and_the_fixes():
     expected_error = {None: torch.tensor([-0.05, 0.05, 0.2, -0.2]),
                       "gap": torch.tensor([-0.05, 0.05, 0.2, -0.2]) / torch.tensor([.25, .25, .5, .5]) / 3}
     for fix in (None, "gap"):
-        q = APoT(2, signed=False, alpha=1.0, ewgs=True, ewgs_fix=fix)
-        q.ewgs_delta.fill_(2.0)
+        q = APoT(2, signed=False, alpha=1.0, rounding=EWGS(fix=fix))
+        q.rounding.ewgs_delta.fill_(2.0)
         (dx,) = torch.autograd.grad(q(x), x, g)
         assert torch.allclose(dx, g * (1 + 2.0 * torch.sign(g) * expected_error[fix]), atol=1e-6)
     assert torch.equal(nearest_level(x.detach(), levels)[1], APoT(2, False, alpha=1.0)(x).detach())
     # a delta large enough to flip: delta * |error| = 10 * 0.2 > 1
-    q = APoT(2, signed=False, alpha=1.0, ewgs=True)
+    q = APoT(2, signed=False, alpha=1.0, rounding=EWGS())
     q.train()
-    q.ewgs_delta.fill_(10.0)
+    q.rounding.ewgs_delta.fill_(10.0)
     (dx,) = torch.autograd.grad(q(x), x, g)
-    assert (dx * g < 0).sum() == 2 and q.flipped_fraction() == 0.5
-    bounded = APoT(2, signed=False, alpha=1.0, ewgs=True, ewgs_fix="bound")
+    assert (dx * g < 0).sum() == 2 and q.rounding.flipped_fraction() == 0.5
+    bounded = APoT(2, signed=False, alpha=1.0, rounding=EWGS(fix="bound"))
     bounded.train()
-    bounded.ewgs_delta.fill_(10.0)
+    bounded.rounding.ewgs_delta.fill_(10.0)
     (dx,) = torch.autograd.grad(bounded(x), x, g)
-    assert (dx * g >= 0).all() and bounded.flipped_fraction() == 0.0
-    assert float(bounded.effective_delta(torch.tensor([0.2, -0.05]))) == pytest.approx(5.0)
+    assert (dx * g >= 0).all() and bounded.rounding.flipped_fraction() == 0.0
+    assert float(bounded.rounding.effective_delta(torch.tensor([0.2, -0.05]))) == pytest.approx(5.0)
 
 
 def test_apot_in_prepare_keeps_8_bit_edges_uniform():
@@ -142,7 +143,7 @@ def test_apot_in_prepare_keeps_8_bit_edges_uniform():
     q = qat.prepare(model, "apot+ewgs", "apot+ewgs", bits=2, example_input=torch.randn(4, 4))
     layers = [m for _, m in qat.quantized_layers(q)]
     assert isinstance(layers[0].weight_quantizer, LSQ) and isinstance(layers[-1].weight_quantizer, LSQ)
-    assert isinstance(layers[1].weight_quantizer, APoT) and layers[1].weight_quantizer.ewgs
+    assert isinstance(layers[1].weight_quantizer, APoT) and isinstance(layers[1].weight_quantizer.rounding, EWGS)
     assert isinstance(layers[1].input_quantizer, APoT) and not layers[1].input_quantizer.signed
     q(torch.randn(3, 4)).sum().backward()
 
@@ -150,8 +151,8 @@ def test_apot_in_prepare_keeps_8_bit_edges_uniform():
 def test_bad_input():
     with pytest.raises(ValueError, match="grid"):
         APoT(2, grid="log")
-    with pytest.raises(ValueError, match="ewgs_fix"):
-        APoT(2, ewgs=True, ewgs_fix="clip")
+    with pytest.raises(ValueError, match="fix"):
+        EWGS(fix="clip")
     with pytest.raises(ValueError, match="alpha"):
         APoT(2, alpha=-1.0)
     with pytest.raises(ValueError, match="APoT supports"):
@@ -161,7 +162,7 @@ def test_bad_input():
     q = APoT(3, signed=True, alpha=1.0)
     with pytest.raises(ValueError, match="no uniform integer grid"):
         q.qparams()
-    with pytest.raises(ValueError, match="uniform grid exports"):
-        APoT(3, grid="uniform", alpha=1.0).codes(torch.zeros(3))
+    uniform = APoT(3, signed=False, grid="uniform", alpha=1.0).export(torch.linspace(0, 1, 8))
+    assert uniform.grid == "uniform" and uniform.codes.tolist() == list(range(8))
     with pytest.raises(TypeError, match="floating"):
         q(torch.zeros(3, dtype=torch.int64))

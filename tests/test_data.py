@@ -134,3 +134,19 @@ def test_dataset_shape_and_classes():
     assert digits.input_shape == (1, 8, 8) == tuple(digits.x_test.shape[1:])
     assert digits.num_classes == 10 == int(digits.y_train.max()) + 1
     assert data.load_mnist1d(n_train=100, n_test=20).input_shape == (1, 40)
+
+
+def test_calibration_batches_are_a_fixed_sample_of_the_training_set():
+    ds = data.load_digits()
+    batches = ds.calibration_batches(250, batch_size=100)
+    assert [len(b) for b in batches] == [100, 100, 50]
+    again = ds.calibration_batches(250, batch_size=100)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))          # the same images every time
+    sample = torch.cat(batches)
+    train = {tuple(row.tolist()) for row in ds.x_train.flatten(1)}
+    assert all(tuple(row.tolist()) in train for row in sample.flatten(1))  # training images only
+    assert len({tuple(row.tolist()) for row in sample.flatten(1)}) == 250  # no repeats
+    assert not torch.equal(torch.cat(ds.calibration_batches(250, seed=1)), sample)
+    assert sum(len(b) for b in ds.calibration_batches(10_000)) == len(ds.x_train)
+    with pytest.raises(ValueError, match="images must be"):
+        ds.calibration_batches(0)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from qlib import engine, models
 
@@ -41,27 +40,35 @@ def test_backends_give_identical_codes(converted):
     assert torch.equal(network.run(q, "float32"), network.run(q, "int"))
 
 
-class DtypeRecorder(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.dtypes.add(t.dtype)
-        return out
-
-
 def test_integer_backend_computes_with_integer_tensors_only(converted):
     _, network, x = converted
     q = network.quantize_input(x)
-    with DtypeRecorder() as recorder:
+    with engine.DtypeRecorder() as recorder:
         network.run(q, "int")
-    assert recorder.dtypes, "nothing was recorded"
-    floats = {d for d in recorder.dtypes if d.is_floating_point or d.is_complex}
-    assert not floats, f"float tensors on the integer path: {floats}"
+    assert recorder.counts and sum(recorder.counts.values()) > len(network.ops)
+    assert not recorder.floating(), f"float tensors on the integer path: {recorder.floating()}"
+    with engine.DtypeRecorder() as recorder:
+        network.run(q, "float32")
+    assert torch.float32 in recorder.floating()       # the fast route sums integers in float32 (exactly)
+
+
+def test_shift_add_layer_accumulates_what_the_multiplier_layer_does():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.tensor([-10, -8, -5, -4, -2, -1, 0, 1, 2, 4, 5, 8, 10])[torch.randint(0, 13, (6, 4, 3, 3),
+                                                                                       generator=g)]
+    spec_in = engine.ActSpec(0.05, 17, 0, 255, torch.uint8)
+    spec_out = engine.ActSpec(0.2, 3, 0, 255, torch.uint8)
+    conv = ((2, 1), (1, 1), (1, 1), 2)
+    bias = torch.randn(6, generator=g).double()
+    scales = torch.rand(6, generator=g).double().numpy() * 0.01 + 0.001
+    multiply = engine.IntLayer("m", ["x"], codes, 0, scales, bias, spec_in, spec_out, "relu", conv, fine_bias=True)
+    shift = engine.IntShiftAdd("s", ["x"], codes, scales, bias, spec_in, spec_out, "relu", conv)
+    x = torch.randint(0, 256, (3, 8, 7, 6), generator=g).to(torch.uint8)
+    assert torch.equal(shift.weights.accumulate(x.to(torch.int64) - 17), multiply.accumulate(x).to(torch.int64))
+    assert torch.equal(shift.forward(x), multiply.forward(x))
+    with engine.DtypeRecorder() as recorder:
+        shift.forward(x)
+    assert not recorder.floating()
 
 
 def test_agrees_with_the_real_arithmetic_reference(converted):

@@ -102,3 +102,26 @@ def test_bad_input():
         gemm.requantize(torch.zeros(2), 2**30, 0, 0, 0, 255)
     with pytest.raises(TypeError, match="must be a torch tensor or numpy array"):
         gemm.integer_matmul([[1]], [[1]])
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups", [(3, 1, 1, 1, 1), (3, 2, 0, 1, 2),
+                                                                   ((2, 3), (1, 2), (1, 0), (2, 1), 1), (1, 1, 0, 1, 4)])
+def test_im2col_is_the_convolution_as_a_matrix_product(kernel, stride, padding, dilation, groups):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-50, 50, (2, 4, 7, 8), generator=g)
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    w = torch.randint(-9, 9, (8, 4 // groups, *k), generator=g)
+    columns, spatial = gemm.im2col(x, k, stride, padding, dilation, groups)
+    assert columns.dtype == torch.int64
+    per_group = 8 // groups
+    out = torch.stack([w[gi * per_group:(gi + 1) * per_group].reshape(per_group, -1) @ columns[:, gi]
+                       for gi in range(groups)], dim=1).reshape(2, 8, *spatial)
+    expected = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    assert torch.equal(out.double(), expected)
+
+
+def test_unfold_windows_pads_with_the_given_code_and_takes_pairs():
+    x = torch.arange(6, dtype=torch.int64).reshape(1, 1, 6)
+    windows = gemm.unfold_windows(x, 3, 3, padding=[(1, 2)], pad_value=7)
+    assert windows.tolist() == [[[[7, 0, 1], [2, 3, 4], [5, 7, 7]]]]
+    assert gemm.unfold_windows(x, 2, 2).shape == (1, 1, 3, 2)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from qlib import qat
-from qlib.quantizers import (DAQ, DSQ, EWGS, LSQ, EWGSSchedule, daq_soft_round, dsq_round, estimate_ewgs_deltas,
-                             ewgs_discretize, ewgs_quantizers)
+from qlib.quantizers import (DAQ, DSQ, EWGS, LSQ, STE, APoT, EWGSSchedule, daq_soft_round, dsq_round,
+                             estimate_ewgs_deltas, ewgs_discretize, ewgs_quantizers)
 from qlib.data import Dataset
 
 
@@ -62,20 +62,20 @@ def test_dsq_rejects_alpha_outside_unit_interval():
         with pytest.raises(ValueError, match="alpha must lie in"):
             dsq_round(torch.zeros(3), torch.tensor(alpha))
     with pytest.raises(ValueError, match="alpha"):
-        DSQ(2, alpha=1.0)
+        DSQ(alpha=1.0)
 
 
 def test_dsq_alpha_stays_inside_unit_interval_under_huge_steps():
-    q = DSQ(2, signed=True)
+    q = LSQ(2, signed=True, rounding=DSQ())
     x = torch.randn(64, 8)
     for direction in (1e4, -1e4):
         opt = torch.optim.SGD(q.parameters(), lr=1.0)
         for _ in range(3):
-            loss = direction * q(x).pow(2).sum() + direction * q.alpha
+            loss = direction * q(x).pow(2).sum() + direction * q.rounding.alpha
             opt.zero_grad()
             loss.backward()
             opt.step()
-            assert 0 < float(q.alpha.detach()) < 1
+            assert 0 < float(q.rounding.alpha.detach()) < 1
             assert torch.isfinite(q(x)).all()
 
 
@@ -110,27 +110,28 @@ def test_daq_backward_is_the_derived_bump_peaking_at_the_boundary():
 def test_daq_quantizer_forward_exactly_matches_lsq_grid():
     torch.manual_seed(0)
     x = torch.randn(16, 9)
-    lsq, daq = LSQ(2, signed=True), DAQ(2, signed=True)
+    lsq, daq = LSQ(2, signed=True), LSQ(2, signed=True, rounding=DAQ())
     assert torch.equal(lsq(x), daq(x))
-    assert daq.sigma == 1.0 and DAQ(2, signed=False).sigma == 2.0
     with pytest.raises(ValueError, match="temperature"):
         daq_soft_round(torch.zeros(2), temperature=0.0)
     with pytest.raises(ValueError, match="sigma"):
-        DAQ(2, sigma=-1.0)
+        DAQ(sigma=-1.0)
 
 
-def test_stepped_methods_share_the_grid_and_differ_only_in_gradient():
+@pytest.mark.parametrize("grid", [lambda r: LSQ(3, signed=True, rounding=r),
+                                  lambda r: APoT(3, signed=True, rounding=r)], ids=["lsq", "apot"])
+def test_every_rounding_on_a_grid_shares_its_forward_and_differs_only_in_gradient(grid):
     torch.manual_seed(1)
     x = torch.randn(32, 5)
     outputs, grads = [], []
-    for cls in (LSQ, DSQ, DAQ, EWGS):
-        q = cls(3, signed=True)
+    for rounding in (STE(), DSQ(), DAQ(), EWGS()):
+        q = grid(rounding)
         xi = x.clone().requires_grad_(True)
         y = q(xi)
         y.sum().backward()
         outputs.append(y.detach())
         grads.append(xi.grad)
-        q.qparams()  # all export to the engine
+        assert torch.allclose(q.export(x).dequantize().float(), y.detach(), atol=1e-6)  # all export alike
     for y in outputs[1:]:
         assert torch.equal(y, outputs[0])
     assert not torch.allclose(grads[0], grads[1]) and not torch.allclose(grads[0], grads[2])
@@ -179,16 +180,17 @@ def tiny_data(n=96, seed=0):
     return Dataset("tiny", x, y, x[:32], y[:32], ("a", "b"))
 
 
-def tiny_model(method="ewgs", seed=0):
+def tiny_model(method="lsq+ewgs", seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     return qat.prepare(model, method, method, bits=2, first_last_bits=None, example_input=torch.rand(8, 6))
 
 
+@pytest.mark.slow  # 1,500 Hutchinson probes
 def test_delta_estimates_are_finite_nonnegative_and_follow_the_definition():
     data = tiny_data()
     model = tiny_model()
-    qat.calibrate(model, [data.x_train[:32]])
+    qat.calibrate_quantizers(model, [data.x_train[:32]])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     parameters = list(model.parameters())
     batches = [(data.x_train[i:i + 32], data.y_train[i:i + 32]) for i in (0, 32, 64)]
@@ -246,15 +248,15 @@ def test_schedule_logs_deltas_and_leaves_first_epochs_as_ste():
 
 
 def test_peak_scaled_error_tracks_the_flip_margin():
-    q = EWGS(2, signed=True)
+    q = LSQ(2, signed=True, rounding=EWGS())
     q.train()
     x = torch.randn(50, 3)
     q(x)
-    q.ewgs_delta.fill_(1.5)
-    q.peak()                    # reset
+    q.rounding.ewgs_delta.fill_(1.5)
+    q.rounding.peak()                    # reset
     q(x)
     u = torch.clamp(x / q.positive_step().detach(), *q.code_range)
-    assert q.peak() == pytest.approx(1.5 * float((u - torch.round(u)).abs().max()), rel=1e-5)
+    assert q.rounding.peak() == pytest.approx(1.5 * float((u - torch.round(u)).abs().max()), rel=1e-5)
 
 
 def test_estimate_needs_ewgs_quantizers_and_batches():
@@ -266,15 +268,16 @@ def test_estimate_needs_ewgs_quantizers_and_batches():
         EWGSSchedule(tiny_data(), every=0)
 
 
+@pytest.mark.slow  # trains a network
 def test_qat_with_each_gradient_method_lowers_the_loss():
     data = tiny_data()
-    for method in ("dsq", "daq", "ewgs"):
+    for method in ("lsq+dsq", "lsq+daq", "lsq+ewgs"):
         model = tiny_model(method)
-        qat.calibrate(model, [data.x_train[:32]])
+        qat.calibrate_quantizers(model, [data.x_train[:32]])
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         losses = []
         for step in range(60):
-            if method == "ewgs" and step == 10:
+            if method == "lsq+ewgs" and step == 10:
                 estimate_ewgs_deltas(model, [(data.x_train[:32], data.y_train[:32])], max_probes=10)
             model.train()
             loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
@@ -289,9 +292,9 @@ def test_estimate_leaves_batchnorm_statistics_alone():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16),
                           nn.ReLU(), nn.Linear(16, 2))
-    model = qat.prepare(model, "ewgs", "ewgs", bits=2, first_last_bits=None, example_input=torch.rand(8, 6))
+    model = qat.prepare(model, "lsq+ewgs", "lsq+ewgs", bits=2, first_last_bits=None, example_input=torch.rand(8, 6))
     data = tiny_data()
-    qat.calibrate(model, [data.x_train[:32]])
+    qat.calibrate_quantizers(model, [data.x_train[:32]])
     stats = [b.clone() for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
     estimate_ewgs_deltas(model, [(data.x_train[:32], data.y_train[:32])], max_probes=5)
     after = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]

@@ -97,7 +97,7 @@ def test_capture_calibrate_and_fake_quantize_outputs():
     x = torch.randn(16, 4)
     out = ob.capture_outputs(model, ["1"], x)["1"]
     assert torch.equal(out, torch.relu(model[0](x)))
-    obs = ob.calibrate(model, ["1"], [(x, None)], ob.MinMaxObserver)
+    obs = ob.calibrate_observers(model, ["1"], [(x, None)], ob.MinMaxObserver)
     qp = obs["1"].qparams(3)
     with ob.fake_quantize_outputs(model, {"1": qp}):
         quantized = model(x)
@@ -149,7 +149,7 @@ def test_bad_input():
         with ob.fake_quantize_outputs(model, {"0": 0.5}):
             pass
     with pytest.raises(ValueError, match="batches was empty"):
-        ob.calibrate(model, ["0"], [], ob.MinMaxObserver)
+        ob.calibrate_observers(model, ["0"], [], ob.MinMaxObserver)
     with pytest.raises(ValueError, match="axis must be None or in"):
         ob.MinMaxObserver(axis=3)(torch.zeros(2, 2))
 
@@ -176,3 +176,25 @@ def test_observe_outputs_feeds_each_named_output_and_removes_its_hooks():
     with pytest.raises(ValueError, match="nope"):
         with ob.observe_outputs(model, {"nope": ob.MinMaxObserver()}):
             pass
+
+
+def test_capture_inputs_returns_what_each_layer_receives():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).train()
+    x = torch.randn(5, 4)
+    seen = ob.capture_inputs(model, ["0", "2"], x)
+    assert torch.equal(seen["0"], x)
+    assert torch.equal(seen["2"], torch.relu(model[0](x)).detach())
+    assert model.training                                        # the mode it was in
+    with pytest.raises(ValueError, match="no submodule named"):
+        ob.capture_inputs(model, ["9"], x)
+
+    class OneBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="never called"):
+        ob.capture_inputs(OneBranch(), ["unused"], x)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from qlib import data, models, qat
-from qlib.quantizers import LSQ, PACT, RangeFakeQuantizer
+from qlib.quantizers import LSQ, PACT, RangeFakeQuantizer, make_quantizer
 from qlib.train import TrainConfig, evaluate, seed_everything, train
 
 
@@ -36,7 +36,7 @@ def test_prepare_swaps_every_layer_and_keeps_the_weights(digits):
 
 def test_quantized_layer_computes_with_fake_quantized_tensors():
     layer = nn.Conv2d(2, 3, 3, padding=1)
-    prepared = qat.prepare(nn.Sequential(layer), "ste", "ste", bits=4, first_last_bits=None)
+    prepared = qat.prepare(nn.Sequential(layer), "minmax", "minmax", bits=4, first_last_bits=None)
     q = prepared[0]
     x = torch.randn(2, 2, 5, 5)
     q.train()
@@ -45,6 +45,7 @@ def test_quantized_layer_computes_with_fake_quantized_tensors():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+@pytest.mark.slow  # trains a network
 def test_quantization_aware_training_lowers_the_loss(digits):
     prepared = qat.prepare(small_cnn(), "lsq", "lsq", bits=3, example_input=digits.x_train[:64])
     history = train(prepared, digits, TrainConfig(epochs=4, batch_size=32, lr=1e-2), seed=0, progress=False)
@@ -55,12 +56,12 @@ def test_quantization_aware_training_lowers_the_loss(digits):
 
 
 def test_calibrate_sets_ranges_without_changing_weights(digits):
-    prepared = qat.prepare(small_cnn(), "ste", "ste", bits=4, example_input=digits.x_train[:64])
+    prepared = qat.prepare(small_cnn(), "minmax", "minmax", bits=4, example_input=digits.x_train[:64])
     before = [p.clone() for p in prepared.parameters()]
-    qat.calibrate(prepared, [digits.x_train[:100], (digits.x_train[100:200], None)])
+    qat.calibrate_quantizers(prepared, [digits.x_train[:100], (digits.x_train[100:200], None)])
     assert all(torch.equal(a, b) for a, b in zip(before, prepared.parameters()))
     for _, q in qat.quantized_layers(prepared):
-        assert torch.isfinite(q.input_quantizer.max_val).all()
+        assert torch.isfinite(q.input_quantizer.observer.max_val).all()
     assert 0 <= evaluate(prepared, digits) <= 100
 
 
@@ -83,7 +84,7 @@ def test_set_quantization_and_state_dict_roundtrip(digits, tmp_path):
 def test_mismatched_quantizers_are_refused_on_load(digits):
     lsq = qat.prepare(small_cnn(), "lsq", "lsq", bits=4, example_input=digits.x_train[:64])
     lsq(digits.x_train[:8])
-    pact = qat.prepare(small_cnn(), "ste", "pact", bits=4, example_input=digits.x_train[:64])
+    pact = qat.prepare(small_cnn(), "minmax", "pact", bits=4, example_input=digits.x_train[:64])
     with pytest.raises(RuntimeError, match="Unexpected key|Missing key"):
         pact.load_state_dict(lsq.state_dict())
 
@@ -95,7 +96,7 @@ def test_learned_ranges_start_from_the_calibration_batch(digits):
     model = small_cnn()
     prepared = qat.prepare(model, "lsq", "pact", bits=2, example_input=digits.x_train[:64])
     batch = digits.x_train[:100]
-    qat.calibrate(prepared, [batch])
+    qat.calibrate_quantizers(prepared, [batch])
     layers = qat.quantized_layers(prepared)
     name, layer = layers[1]  # its input is the first ReLU output
     assert isinstance(layer.input_quantizer, PACT)
@@ -114,34 +115,37 @@ def test_custom_factories():
 
 def test_bad_input():
     model = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="weight must be one of"):
-        qat.prepare(model, weight="pot")
-    with pytest.raises(ValueError, match="act must be one of"):
+    with pytest.raises(ValueError, match="weight: the 'pact' grid has no weight quantizer"):
+        qat.prepare(model, weight="pact")
+    with pytest.raises(ValueError, match="act: method must be a grid"):
         qat.prepare(model, act="lsq++")
+    with pytest.raises(ValueError, match="act: method must be a grid"):
+        qat.prepare(model, act="dsq")              # a rounding needs its grid: "lsq+dsq"
     with pytest.raises(ValueError, match="bits must be in \\[2, 16\\]"):
         qat.prepare(model, bits=1)
     with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):
         qat.prepare(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="model has no quantizers"):
-        qat.calibrate(model, [torch.zeros(1, 2)])
+        qat.calibrate_quantizers(model, [torch.zeros(1, 2)])
     with pytest.raises(TypeError, match="weight_quantizer must be a qlib.quantizers.Quantizer"):
         qat.prepare(model, weight=lambda b, m: nn.Identity())
-    assert isinstance(qat.act_quantizer("pact", 4, signed=True), RangeFakeQuantizer)
+    assert isinstance(make_quantizer("pact", 4, "act", signed=True), RangeFakeQuantizer)
 
 
 # At 2 bits one code is a third of the range: a single rounding difference (the engine's fixed point
 # against torch.round's ties-to-even) flips more decisions, hence the lower bar.
 # Trained from scratch here, so PACT starts from a fixed clip as in its paper (a clip fitted to an
 # untrained network's tiny activations cuts off the growth that training needs).
+@pytest.mark.slow  # trains a network
 @pytest.mark.parametrize("weight, act, bits, min_agreement", [("lsq", "lsq", 4, 0.95),
-                                                              ("ste", lambda b, s: PACT(b, alpha=6.0), 4, 0.95),
+                                                              ("minmax", lambda b, s: PACT(b, alpha=6.0), 4, 0.95),
                                                               ("lsq", "lsq", 2, 0.9), ("lsq", "lsq+", 2, 0.9)])
 def test_a_trained_qat_model_converts_to_the_integer_engine(digits, weight, act, bits, min_agreement):
     from qlib import engine
     from qlib.train import accuracy
 
     prepared = qat.prepare(small_cnn(), weight, act, bits=bits, example_input=digits.x_train[:64])
-    qat.calibrate(prepared, [digits.x_train[:200]])
+    qat.calibrate_quantizers(prepared, [digits.x_train[:200]])
     history = train(prepared, digits, TrainConfig(epochs=5, batch_size=32, lr=1e-2), seed=0, progress=False)
     assert history[-1]["test_acc"] > 50  # a model that learned something, so its logits are not near ties
     prepared.eval()
@@ -171,7 +175,7 @@ def conv_bn_pair(seed=0):
 
 def test_conv_bn_folding_in_training_matches_batch_norm_without_quantization():
     conv, bn = conv_bn_pair()
-    fused = qat.QuantConvBn(conv, bn, qat.weight_quantizer("ste", 8), None)
+    fused = qat.QuantConvBn(conv, bn, make_quantizer("minmax", 8, "weight"), None)
     fused.weight_quantizer.enabled = False
     reference = nn.Sequential(copy_of(conv), copy_of(bn)).train()
     fused.train()
@@ -194,7 +198,7 @@ def copy_of(module):
 
 def test_conv_bn_quantizes_the_folded_weights_and_trains():
     conv, bn = conv_bn_pair(1)
-    fused = qat.QuantConvBn(conv, bn, qat.weight_quantizer("ste", 4), None).eval()
+    fused = qat.QuantConvBn(conv, bn, make_quantizer("minmax", 4, "weight"), None).eval()
     x = torch.randn(4, 3, 5, 5)
     weight, bias = fused.folded()
     levels_per_channel = [len(torch.unique(fused.quantized_weight()[c])) for c in range(4)]
@@ -206,11 +210,12 @@ def test_conv_bn_quantizes_the_folded_weights_and_trains():
     assert fused.conv.weight.grad is not None and fused.bn.weight.grad is not None and fused.bn.bias.grad is not None
 
 
+@pytest.mark.slow  # trains a network
 def test_prepare_with_fold_bn_and_export(digits):
     from qlib import engine, fold
 
     model = small_cnn()
-    prepared = qat.prepare(model, "ste", "ste", bits=4, example_input=digits.x_train[:64], fold_bn=True)
+    prepared = qat.prepare(model, "minmax", "minmax", bits=4, example_input=digits.x_train[:64], fold_bn=True)
     kinds = [type(m).__name__ for _, m in qat.quantized_layers(prepared)]
     assert kinds.count("QuantConvBn") == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     train(prepared, digits, TrainConfig(epochs=3, batch_size=32, lr=1e-2), seed=0, progress=False)
@@ -224,4 +229,4 @@ def test_prepare_with_fold_bn_and_export(digits):
         agreement = (prepared(digits.x_test).argmax(1) == network(digits.x_test).argmax(1)).float().mean()
     assert agreement >= 0.95
     with pytest.raises(TypeError, match="QuantConvBn needs a Conv1d/Conv2d"):
-        qat.QuantConvBn(nn.Linear(2, 2), nn.BatchNorm1d(2), qat.weight_quantizer("ste", 4), None)
+        qat.QuantConvBn(nn.Linear(2, 2), nn.BatchNorm1d(2), make_quantizer("minmax", 4, "weight"), None)

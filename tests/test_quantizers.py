@@ -43,10 +43,10 @@ def test_range_quantizer_ema_updates_only_in_training():
     q = RangeFakeQuantizer(8, range="ema", decay=0.9).train()
     q(torch.tensor([0.0, 2.0]))
     q(torch.tensor([0.0, 4.0]))
-    assert q.max_val.item() == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
+    assert q.observer.max_val.item() == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
     q.eval()
     q(torch.tensor([0.0, 100.0]))
-    assert q.max_val.item() == pytest.approx(2.2)
+    assert q.observer.max_val.item() == pytest.approx(2.2)
 
 
 def test_range_quantizer_per_channel_weights():

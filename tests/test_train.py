@@ -27,6 +27,7 @@ def test_accuracy_and_mean_std():
     assert train.mean_std([5.0], 2) == "5.00 ± 0.00"
 
 
+@pytest.mark.slow  # trains a network
 def test_training_learns_and_is_repeatable(digits):
     train.seed_everything(0)
     model_a = small_cnn()

@@ -21,8 +21,10 @@ from torch import nn
 
 from .._checks import check_bits, check_bool, check_choice, check_float
 from ..affine import QuantParams
-from .base import Quantizer
-from .ewgs import EWGS_FIXES, EWGSMixin
+from .base import Exported, Quantizer, Rounding, enclosing_levels, nearest_level
+from .clip import least_squares_fraction
+
+__all__ = ["APoT", "apot_levels", "pot_levels", "uniform_levels", "grid_codes", "local_gap", "APOT_BITS", "GRIDS"]
 
 #: Bit widths with an APoT construction (``grid(B)`` for ``B`` = 1 to 4).
 APOT_BITS = (1, 2, 3, 4)
@@ -105,71 +107,49 @@ GRIDS = ("apot", "pot", "uniform")
 _LEVEL_SETS = {"apot": apot_levels, "pot": pot_levels, "uniform": uniform_levels}
 
 
-def nearest_level(u: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, value)`` of the level nearest to each element of ``u``; ``levels`` ascending.
-
-    A value exactly halfway between two levels goes to the lower one.
-    """
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    index = torch.bucketize(u, midpoints)
-    return index, levels[index]
-
-
 def local_gap(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """The distance between the two levels that enclose each element of ``u`` (clamped to the grid)."""
-    lower = (torch.bucketize(u, levels, right=True) - 1).clamp(0, len(levels) - 2)
-    return levels[lower + 1] - levels[lower]
+    lower, upper = enclosing_levels(u, levels)
+    return upper - lower
 
 
-class APoT(EWGSMixin, Quantizer):
+class APoT(Quantizer):
     """A quantizer onto a fixed level set scaled by a learned clip ``alpha`` (Li, Dong and Wang 2020).
 
     Forward: ``alpha * P(clamp(x / alpha))``, ``P`` the projection to the nearest of the levels
     (``grid="apot"``, ``"pot"`` or ``"uniform"``, see :func:`apot_levels`), on ``[-1, 1]`` for weights
-    (``signed``) and ``[0, 1]`` for activations. Weights are standardised first,
-    ``(w - mean) / std`` with the statistics detached, as in the paper's CIFAR code, so ``alpha`` is in
-    units of the weights' spread; the output is multiplied back by ``std`` so that the quantized
-    weights keep the scale of the float ones (the paper, training from scratch with a batch norm
-    after every convolution, leaves them in units of ``std``; a trained network's batch-norm
-    statistics would no longer fit). ``alpha`` starts at the given value (the paper trains from a
-    higher bit width with 3 for weights and 8 for activations) or, with ``alpha=None``, at the
-    least-squared-error clip of the first batch, which suits fine-tuning a trained network.
+    (``signed``) and ``[0, 1]`` for activations; the rounding (``rounding``: the straight-through
+    estimator by default, or e.g. :class:`qlib.quantizers.EWGS`) gives ``P`` its backward pass.
+    Weights are standardised first, ``(w - mean) / std`` with the statistics detached, as in the
+    paper's CIFAR code, so ``alpha`` is in units of the weights' spread; the output is multiplied
+    back by ``std`` so that the quantized weights keep the scale of the float ones (the paper,
+    training from scratch with a batch norm after every convolution, leaves them in units of
+    ``std``; a trained network's batch-norm statistics would no longer fit). ``alpha`` starts at the
+    given value (the paper trains from a higher bit width with 3 for weights and 8 for activations)
+    or, with ``alpha=None``, at the least-squared-error clip of the first batch, which suits
+    fine-tuning a trained network.
 
-    Backward, with the straight-through estimator through ``P`` and ``u = x / alpha``:
-    ``d out / d alpha = sign(u)`` where ``|u| > 1`` and ``P(u) - u`` inside (the paper's
-    gradient, what autograd gives here); ``d out / dx = 1`` inside, and outside 1 for weights
-    (the paper's code does not mask clipped weights) and 0 for activations.
-
-    ``ewgs=True`` gives ``P`` EWGS's backward pass instead of the STE (see :class:`EWGS`),
-    with the error ``u - P(u)`` in the normalised domain. ``ewgs_fix`` changes what EWGS sees on an
-    uneven grid: ``"gap"`` measures the error in units of the local gap between levels, times the
-    uniform step over the same range (so that ``|error|`` is at most half a uniform step, as EWGS
-    assumes); ``"bound"`` caps ``delta`` at ``1 / max|u - P(u)|`` so that no factor turns negative.
+    Backward, with the straight-through rounding and ``u = x / alpha``:
+    ``d out / d alpha = sign(u)`` where ``|u| > 1`` and ``P(u) - u`` inside (the paper's gradient,
+    what autograd gives here); ``d out / dx = 1`` inside, and outside 1 for weights (the paper's
+    code does not mask clipped weights) and 0 for activations.
     """
 
     def __init__(self, bits: int = 2, signed: bool = True, alpha: float | None = None, grid: str = "apot",
-                 standardize: bool | None = None, ewgs: bool = False, ewgs_fix: str | None = None):
-        super().__init__(bits, signed)
+                 standardize: bool | None = None, rounding: Rounding | None = None):
+        super().__init__(bits, signed, rounding)
         self.grid = check_choice(grid, "grid", GRIDS)
         self.register_buffer("level_set", _LEVEL_SETS[self.grid](self.bits, self.signed).float())
         start = 1.0 if alpha is None else check_float(alpha, "alpha", 0.0, low_open=True)
         self.alpha = nn.Parameter(torch.tensor(start))
-        self.register_buffer("initialized", torch.tensor(alpha is not None))
+        if alpha is not None:
+            self.initialized.fill_(True)
         self.standardize = self.signed if standardize is None else check_bool(standardize, "standardize")
-        self.ewgs = check_bool(ewgs, "ewgs")
-        if ewgs_fix not in EWGS_FIXES:
-            raise ValueError(f"ewgs_fix must be one of {EWGS_FIXES}, got {ewgs_fix!r}")
-        self.ewgs_fix = ewgs_fix
-        self._init_ewgs()
-
-    @property
-    def uses_ewgs(self) -> bool:
-        return self.ewgs
 
     def _statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, std)`` used to standardise ``x`` (detached); ``(0, 1)`` without standardisation."""
         if not self.standardize:
-            return torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
+            return torch.zeros((), dtype=x.dtype, device=x.device), torch.ones((), dtype=x.dtype, device=x.device)
         return x.detach().mean(), x.detach().std() + 1e-8
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,90 +160,75 @@ class APoT(EWGSMixin, Quantizer):
     def positive_alpha(self) -> torch.Tensor:
         return self.alpha.abs().clamp(min=1e-6)
 
-    @torch.no_grad()
-    def _initialize(self, x, candidates: int = 100):
-        """Set ``alpha`` to the clip whose levels quantize ``x`` (normalised) with the least squared error."""
-        flat = x.detach().reshape(-1).float()
-        flat = flat[:: max(1, flat.numel() // 2**16)]
-        top = float(flat.abs().max()) if self.signed else float(flat.clamp(min=0).max())
+    def initialize(self, x, candidates: int = 100):
+        """``alpha``: the clip whose levels quantize ``x`` (normalised) with the least squared error."""
+        x = self.normalize_input(x)
+        top = float(x.abs().max()) if self.signed else float(x.clamp(min=0).max())
         if top <= 0:
             self.alpha.fill_(1.0)
-        else:
-            alphas = torch.linspace(top / candidates, top, candidates)
-            low = -1.0 if self.signed else 0.0
-            u = torch.clamp(flat[None, :] / alphas[:, None], low, 1.0)
-            errors = (nearest_level(u, self.level_set)[1] * alphas[:, None] - flat[None, :]).pow(2).mean(1)
-            self.alpha.fill_(float(alphas[int(torch.argmin(errors))]))
-        self.initialized.fill_(True)
-
-    def quantize(self, x):
-        _, std = self._statistics(x)
-        x = self.normalize_input(x)
-        if not bool(self.initialized):
-            self._initialize(x)
-        alpha = self.positive_alpha()
+            return
         low = -1.0 if self.signed else 0.0
-        u = torch.clamp(x / alpha, low, 1.0)
+
+        def project(values, f):
+            alpha = f * top
+            return nearest_level(torch.clamp(values / alpha, low, 1.0), self.level_set)[1] * alpha
+
+        self.alpha.fill_(least_squares_fraction(x, project, candidates) * top)
+
+    def _clamped(self, x: torch.Tensor) -> torch.Tensor:
+        """``u = clamp(x_norm / alpha)``, with the straight-through gradient for clipped weights."""
+        x = self.normalize_input(x)
+        alpha = self.positive_alpha()
+        u = torch.clamp(x / alpha, -1.0 if self.signed else 0.0, 1.0)
         if self.signed:  # clipped weights keep the straight-through gradient (the paper's choice)
             outside = ((x / alpha).detach().abs() > 1).to(x.dtype)
             u = u + (x - x.detach()) / alpha.detach() * outside
-        _, u_q = nearest_level(u.detach(), self.level_set)
-        if self.ewgs:
-            out = self._ewgs(u, u_q, self._ewgs_error(u.detach(), u_q))
-        else:
-            out = u + (u_q - u).detach()
-        return out * alpha * std
+        return u
 
-    def _ewgs_error(self, u, u_q):
-        if self.ewgs_fix != "gap":
-            return u - u_q
-        levels = self.level_set
-        uniform_step = (levels[-1] - levels[0]) / (len(levels) - 1)
-        return (u - u_q) / local_gap(u, levels) * uniform_step
+    def fake_quantize(self, x):
+        _, std = self._statistics(x)
+        return self.rounding(self._clamped(x), self.level_set) * self.positive_alpha() * std
 
-    def effective_delta(self, error):
-        if self.ewgs_fix == "bound" and error.numel():
-            return torch.minimum(self.ewgs_delta, 1 / error.abs().max().clamp(min=1e-12))
-        return self.ewgs_delta
-
-    def _check_initialized(self):
-        if not bool(self.initialized):
-            raise ValueError("APoT has not been initialised: call it on a tensor first, or give alpha")
-
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Integer codes and their scale for ``x``: the forward output equals ``scale * codes`` (up to
-        rounding of the float product). Each code's magnitude is an APoT/PoT integer (:func:`grid_codes`): a sum of
-        at most two powers of two."""
-        if self.grid == "uniform":
-            raise ValueError("codes() is for the power-of-two grids; a uniform grid exports with qparams()")
-        self._check_initialized()
+    def code_table(self) -> torch.Tensor:
+        """The integer code of every level, ascending: ``level_set * code_max`` (:func:`grid_codes`)."""
         magnitude_bits = self.bits - 1 if self.signed else self.bits
         if self.grid == "apot":
             table = grid_codes(magnitude_bits)[0]
-        else:
+        elif self.grid == "pot":
             table = torch.tensor([0] + [2**k for k in range(2**magnitude_bits - 1)], dtype=torch.int64)
-        with torch.no_grad():
-            alpha = self.positive_alpha()
-            u = torch.clamp(self.normalize_input(x) / alpha, -1.0 if self.signed else 0.0, 1.0)
-            index, _ = nearest_level(u, self.level_set)
-            scale = float(alpha * self._statistics(x)[1])
-        magnitudes = torch.cat([-table.flip(0)[:-1], table]) if self.signed else table
-        return magnitudes[index], scale / int(table.max())
+        else:  # uniform: 0, 1, ..., the largest magnitude (2^b - 1 unsigned, 2^(b-1) - 1 signed)
+            table = torch.arange((2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1) + 1)
+        return torch.cat([-table.flip(0)[:-1], table]) if self.signed else table
+
+    @torch.no_grad()
+    def export(self, x: torch.Tensor) -> Exported:
+        """Integer codes of ``x`` (``level * code_max``) with ``scale = alpha std / code_max``, zero-point 0.
+
+        For the power-of-two grids each code's magnitude is a sum of at most one (PoT) or two (APoT)
+        powers of two (:func:`grid_codes`): the shift-and-add form of chapter 8.
+        """
+        self._require_initialized()
+        table = self.code_table()
+        index, _ = nearest_level(self._clamped(x.detach()), self.level_set)
+        code_max = int(table.max())
+        scale = self.positive_alpha().detach().double().cpu() * self._statistics(x)[1].double().cpu() / code_max
+        return Exported(table[index.cpu()], scale, torch.zeros((), dtype=torch.int64), int(table.min()), code_max,
+                        None, self.grid)
 
     def qparams(self):
-        self._check_initialized()
+        self._require_initialized()
         if self.grid == "uniform" and not self.signed:
             step = float(self.positive_alpha()) / (2**self.bits - 1)
             return QuantParams(step, 0, self.bits, False, False, None)
         raise ValueError(f"APoT with grid={self.grid!r} (signed={self.signed}) has no uniform integer grid: "
-                         "use codes() and qlib.shiftadd.ShiftAddLayer")
+                         "use export() (and qlib.shiftadd for the power-of-two grids)")
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
         """``alpha`` times the level set (for standardised weights: in units of their standard deviation,
         the output is this times ``std`` of the weights at hand)."""
-        self._check_initialized()
+        self._require_initialized()
         return self.positive_alpha() * self.level_set
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, grid={self.grid}, ewgs={self.ewgs}, ewgs_fix={self.ewgs_fix}"
+        return f"{super().extra_repr()}, grid={self.grid}"

@@ -28,7 +28,9 @@ from torch import nn
 
 from .._checks import check_float, check_int
 from ..hessian import gradient_graph, hutchinson_trace
-from .uniform import LSQ
+from .base import Rounding, enclosing_levels
+
+__all__ = ["EWGS", "ewgs_discretize", "ewgs_quantizers", "estimate_ewgs_deltas", "EWGSSchedule"]
 
 
 class _ElementwiseGradientScaling(torch.autograd.Function):
@@ -66,36 +68,54 @@ def ewgs_discretize(u: torch.Tensor, u_q: torch.Tensor, delta, error: torch.Tens
     return _ElementwiseGradientScaling.apply(u, u_q.detach(), error, delta, flip_counts)
 
 
-class EWGSMixin:
-    """What :func:`estimate_ewgs_deltas` needs from a quantizer: ``delta``, capture and flip counts.
+class EWGS(Rounding):
+    """EWGS's rounding gradient: ``g_in = g_out (1 + delta sign(g_out) (u - u_q))``.
 
-    ``ewgs_delta`` (a buffer, 0 until estimated) is the scale of the backward pass. While
-    ``capture`` is true, the discretizer output of the latest forward pass is kept in
-    ``captured`` (the tensor the Hessian is taken with respect to).
+    ``ewgs_delta`` (a buffer, 0 until :func:`estimate_ewgs_deltas` sets it: the STE) is the
+    strength. While ``capture`` is true, the output of the latest forward pass is kept in
+    ``captured`` (the tensor the Hessian is taken with respect to). ``flip_counts`` and
+    ``peak_scaled_error`` count, in training, how many gradients the factor turned around and the
+    largest ``delta |u - u_q|`` (above 1 a factor can turn negative).
+
+    ``fix`` changes what EWGS sees on an uneven grid (chapter 8): ``"gap"`` measures the error in
+    units of the local gap between levels, times the uniform step over the same range (so that
+    ``|error|`` is at most half a uniform step, as EWGS assumes); ``"bound"`` caps ``delta`` at
+    ``1 / max|u - u_q|`` so that no factor turns negative. On a uniform grid both change nothing.
     """
 
-    def _init_ewgs(self, delta: float = 0.0):
+    FIXES = (None, "gap", "bound")
+
+    def __init__(self, delta: float = 0.0, fix: str | None = None):
+        super().__init__()
+        if fix not in self.FIXES:
+            raise ValueError(f"fix must be one of {self.FIXES}, got {fix!r}")
+        self.fix = fix
         self.register_buffer("ewgs_delta", torch.tensor(check_float(delta, "delta", 0.0)))
         self.register_buffer("flip_counts", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("peak_scaled_error", torch.zeros((), dtype=torch.float64))
         self.capture = False
         self.captured = None
 
-    @property
-    def uses_ewgs(self) -> bool:
-        """Whether the discretizer has EWGS's backward pass (a quantizer may make it optional)."""
-        return True
+    def error(self, u, u_q, levels):
+        """The rounding error EWGS scales by: ``u - u_q``, or in units of the local gap (``fix="gap"``)."""
+        error = (u - u_q).detach()
+        if self.fix == "gap" and levels is not None:
+            lower, upper = enclosing_levels(u, levels)
+            error = error / (upper - lower) * (levels[-1] - levels[0]) / (len(levels) - 1)
+        return error
 
     def effective_delta(self, error: torch.Tensor) -> torch.Tensor:
-        """The ``delta`` the backward pass uses (subclasses may bound it)."""
+        """The ``delta`` the backward pass uses (capped with ``fix="bound"``)."""
+        if self.fix == "bound" and error.numel():
+            return torch.minimum(self.ewgs_delta, 1 / error.abs().max().clamp(min=1e-12))
         return self.ewgs_delta
 
-    def _ewgs(self, u, u_q, error=None):
-        error = (u - u_q).detach() if error is None else error
+    def round(self, u, u_q, levels):
+        error = self.error(u, u_q, levels)
         delta = self.effective_delta(error)
         if self.training and error.numel():
             with torch.no_grad():  # the factor can turn negative only where delta * |error| > 1
-                self.peak_scaled_error.clamp_(min=float(delta * error.abs().max()))
+                self.peak_scaled_error.clamp_(min=(delta * error.abs().max()).double())
         out = ewgs_discretize(u, u_q, delta, error, self.flip_counts if self.training else None)
         if self.capture:
             self.captured = out
@@ -116,35 +136,18 @@ class EWGSMixin:
             self.peak_scaled_error.zero_()
         return value
 
-
-class EWGS(EWGSMixin, LSQ):
-    """A uniform quantizer with LSQ's learned step whose rounding has EWGS's backward pass.
-
-    The paper learns an interval ``[l, u]`` and an output scale; here the grid is LSQ's (so that,
-    in chapter 7's comparison, only the gradient of the rounding differs between methods and the
-    result exports to the integer engine). ``delta`` starts at ``delta`` (0: the STE) until
-    :func:`estimate_ewgs_deltas` sets it.
-    """
-
-    def __init__(self, bits: int = 4, signed: bool = True, axis: int | None = None, delta: float = 0.0):
-        super().__init__(bits, signed, axis)
-        self._init_ewgs(delta)
-
-    def discretize(self, u):
-        return self._ewgs(u, torch.round(u.detach()))
-
     def extra_repr(self):
-        return f"{super().extra_repr()}, delta={float(self.ewgs_delta):.3g}"
+        return f"delta={float(self.ewgs_delta):.3g}, fix={self.fix}"
 
 
-def ewgs_quantizers(model: nn.Module) -> dict[str, EWGSMixin]:
-    """The quantizers of ``model`` that use EWGS's backward pass, by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, EWGSMixin) and m.uses_ewgs}
+def ewgs_quantizers(model: nn.Module) -> dict[str, EWGS]:
+    """The EWGS roundings of ``model``'s quantizers, by the quantizer's name."""
+    return {name.removesuffix(".rounding"): m for name, m in model.named_modules() if isinstance(m, EWGS)}
 
 
 def estimate_ewgs_deltas(model: nn.Module, batches, max_probes: int = 50, tol: float = 1e-3, seed: int = 0,
                          loss_fn=F.cross_entropy) -> dict[str, float]:
-    """Set every EWGS quantizer's ``delta = max(0, mean over batches of (Tr(H)/N) / (3 std(g)))``.
+    """Set every EWGS rounding's ``delta = max(0, mean over batches of (Tr(H)/N) / (3 std(g)))``.
 
     As the paper's code does: the network in training mode, ``H`` the Hessian of the loss with respect
     to each quantizer's discretizer output (its diagonal block only) by Hutchinson's method, ``g`` the
@@ -152,7 +155,8 @@ def estimate_ewgs_deltas(model: nn.Module, batches, max_probes: int = 50, tol: f
     ``(x, y)``; the paper uses 3) and then clipped at 0. A gradient with (near) zero spread gives
     ``delta = 0`` for that batch instead of a division by zero. The parameters and the batch-norm
     statistics are left as they were (quantizers not yet initialised initialise on the first batch,
-    as in any forward pass). Returns the new deltas by quantizer name.
+    as in any forward pass). The batches move to the model's device. Returns the new deltas by
+    quantizer name.
     """
     quantizers = ewgs_quantizers(model)
     if not quantizers:
@@ -167,10 +171,11 @@ def estimate_ewgs_deltas(model: nn.Module, batches, max_probes: int = 50, tol: f
     was_training = model.training
     sums = {name: 0.0 for name in quantizers}
     count = 0
+    device = next(model.parameters()).device
     model.train()
     try:
         for batch in batches:
-            x, y = batch
+            x, y = (t.to(device) for t in batch)
             for q in quantizers.values():
                 q.capture, q.captured = True, None
             loss = loss_fn(model(x), y)
@@ -251,5 +256,3 @@ class EWGSSchedule:
                              "peak": None})
 
 
-#: What an APoT quantizer can change about EWGS on an uneven grid (see :class:`qlib.quantizers.APoT`).
-EWGS_FIXES = (None, "gap", "bound")
