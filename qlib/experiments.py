@@ -24,18 +24,20 @@ def error_ratio(accuracy, reference) -> np.ndarray:
     return (100 - accuracy) / (100 - reference)
 
 
-def summarise(results: pd.DataFrame, by, columns: dict[str, str], ratio: str | None = None,
+def summarise(results: pd.DataFrame, by, columns: dict[str, str], ratio: str | dict[str, str] | None = None,
               reference: str = "float", digits: int = 2) -> pd.DataFrame:
     """Mean ± std of ``columns`` per group of ``by``, in the groups' order of appearance.
 
     ``columns`` maps a column of ``results`` to its heading in the summary; ``ratio``, if given, adds
-    the error ratio of that column against ``reference`` (per run, then mean ± std). Missing values
-    (a measurement some rows do not have) show as "–".
+    the error ratio of that column against ``reference`` (per run, then mean ± std), headed "error
+    ratio" (or several: ``{column: heading}``). Missing values (a measurement some rows do not have)
+    show as "–".
     """
     if not isinstance(results, pd.DataFrame) or results.empty:
         raise ValueError("results must be a non-empty pandas DataFrame")
     by = [by] if isinstance(by, str) else list(by)
-    measured = list(dict.fromkeys(list(columns) + ([ratio, reference] if ratio else [])))
+    ratios = {} if ratio is None else {ratio: "error ratio"} if isinstance(ratio, str) else dict(ratio)
+    measured = list(dict.fromkeys(list(columns) + list(ratios) + ([reference] if ratios else [])))
     missing = [c for c in measured + by if c not in results.columns]
     if missing:
         raise ValueError(f"results has no column {missing}; it has {list(results.columns)}")
@@ -44,8 +46,8 @@ def summarise(results: pd.DataFrame, by, columns: dict[str, str], ratio: str | N
     def one(group):
         row = {heading: mean_std(group[column], digits) if group[column].notna().all() else "–"
                for column, heading in columns.items()}
-        if ratio:
-            row["error ratio"] = mean_std(error_ratio(group[ratio], group[reference]), digits)
+        for column, heading in ratios.items():
+            row[heading] = mean_std(error_ratio(group[column], group[reference]), digits)
         return pd.Series(row)
 
     return results.groupby(by, sort=False)[measured].apply(one)

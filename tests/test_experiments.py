@@ -22,6 +22,8 @@ def test_summarise_gives_mean_std_per_group_in_order_and_the_error_ratio():
     assert table.loc["b", "after QAT (%)"] == "95.00 ± 1.41"
     assert table.loc["a", "error ratio"] == "1.75 ± 0.35"         # (1.5, 2.0)
     assert table.loc["b", "extra"] == "–" and table.loc["a", "extra"] == "2.50 ± 0.71"
+    two = summarise(results, ["method"], {}, ratio={"QAT": "QAT ratio", "float": "float ratio"})
+    assert list(two.columns) == ["QAT ratio", "float ratio"] and two.loc["b", "float ratio"] == "1.00 ± 0.00"
     with pytest.raises(ValueError, match="no column"):
         summarise(results, "method", {"nope": "x"})
     with pytest.raises(ValueError, match="non-empty"):
