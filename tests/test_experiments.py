@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlib.experiments import error_ratio, summarise
+from qlib.experiments import error_ratio, paired_difference, paired_t, summarise
 
 
 def test_error_ratio():
@@ -28,3 +28,45 @@ def test_summarise_gives_mean_std_per_group_in_order_and_the_error_ratio():
         summarise(results, "method", {"nope": "x"})
     with pytest.raises(ValueError, match="non-empty"):
         summarise(pd.DataFrame(), "method", {})
+
+
+def test_paired_t_interval_by_hand():
+    c = paired_t([91, 92, 93, 94, 95], [90, 90, 90, 90, 90])
+    assert c.difference == pytest.approx(3.0) and c.per_seed == (1, 2, 3, 4, 5)
+    half = 2.7764451 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5)      # t(0.975, 4)
+    assert (c.low, c.high) == pytest.approx((3 - half, 3 + half))
+    assert c.verdict == "better" and paired_t([90, 90, 91], [91, 91, 92]).verdict == "worse"
+    assert paired_t([90, 92, 91], [91, 91, 91]).verdict == "inconclusive"
+    with pytest.raises(ValueError, match="same >= 2 seeds"):
+        paired_t([1.0], [2.0])
+
+
+def test_paired_difference_adds_the_test_sets_own_noise():
+    rng = np.random.default_rng(0)
+    baseline = rng.random((5, 1000)) < 0.9
+    same = paired_difference(baseline, baseline)
+    assert same.difference == 0 and same.low == same.high == 0 and same.verdict == "inconclusive"
+    # the method fixes the same 20 examples for every seed: no seed spread, only test-set noise
+    method = baseline.copy()
+    fixed = np.flatnonzero(~baseline.all(axis=0))[:20]
+    method[:, fixed] = True
+    c = paired_difference(method, baseline)
+    d = 100 * (method.astype(float) - baseline).mean(axis=0)
+    expected_se = np.sqrt(np.var(100 * (method.astype(float) - baseline).mean(axis=1), ddof=1) / 5
+                          + d.var(ddof=1) / 1000)
+    assert c.high - c.difference == pytest.approx(2.7764451 * expected_se)
+    assert c.difference > 0 and c.verdict == "better"
+    assert "points" in c.describe()
+
+
+def test_paired_difference_covers_a_null_difference_about_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    covered = 0
+    trials = 300
+    for _ in range(trials):
+        ability = rng.random(400)                         # how easy each example is
+        seed_shift = rng.normal(0, 0.03, (2, 5, 1))       # each run is a little better or worse
+        runs = rng.random((2, 5, 400)) < np.clip(0.8 * ability + 0.15 + seed_shift, 0, 1)
+        c = paired_difference(runs[0], runs[1])
+        covered += c.low <= 0 <= c.high
+    assert 0.9 <= covered / trials <= 0.995
