@@ -1,22 +1,44 @@
-"""Experiments over seeds: summaries of repeated runs (chapters 4 to 11).
+"""Experiments over seeds: a harness for quantization-aware runs, paired verdicts and summaries
+(chapters 5 to 11).
 
-:func:`summarise` turns a tidy table of runs (one row per run, one column per measurement) into the
-table a chapter shows: mean ± standard deviation per group, and the error ratio (quantized error /
-float error) that makes accuracies at different baselines comparable.
+* A :class:`Run` is one configuration (network x methods x bits x seed x :class:`QATRecipe`);
+  :func:`run_grid` runs a list of them, each trained once per build and cached with a key that
+  covers the whole configuration and qlib's code (:func:`cached_run`), and returns
+  :class:`Results`: a tidy table, per-example correctness and paired comparisons.
+* :func:`paired_difference` compares two methods over the same seeds and test examples (every
+  seed shares its float network, data order and test set), with an interval that carries both the
+  seeds' and the test set's noise, and a verdict ("better", "worse", "inconclusive") that a
+  chapter's prose is chosen by.
+* :func:`summarise` turns a tidy table into the table a chapter shows: mean ± standard deviation
+  per group, and the error ratio (quantized error / float error).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
+from torch import nn
 
-from ._checks import check_float, check_int
-from .train import mean_std
+from . import qat
+from ._checks import check_bits, check_float, check_int
+from .data import Dataset, load
+from .quantizers import EWGSSchedule, Quantizer, ewgs_quantizers, parse_method
+from .train import (RECIPES, TrainConfig, cache_dir, code_fingerprint, correct, evaluate, mean_std, pretrained,
+                    train)
 
-__all__ = ["summarise", "error_ratio", "Comparison", "paired_t", "paired_difference", "VERDICTS"]
+__all__ = ["summarise", "error_ratio", "Comparison", "paired_t", "paired_difference", "VERDICTS", "QATRecipe", "Run",
+           "Results", "run_grid", "grid", "execute", "cached_run", "trained_model", "prepared_model"]
 
 
 def error_ratio(accuracy, reference) -> np.ndarray:
@@ -125,3 +147,307 @@ def paired_difference(method_correct, baseline_correct, confidence: float = 0.95
     mean = float(per_seed.mean())
     return Comparison(mean, mean - half, mean + half, tuple(per_seed.tolist()), _verdict(mean - half, mean + half),
                       "paired t, seeds and test examples", confidence)
+
+
+# ---------------------------------------------------------------- the harness -----
+
+@dataclass(frozen=True)
+class QATRecipe:
+    """How a quantization-aware run fine-tunes a trained float network.
+
+    ``epochs`` of Adam(W) (or SGD) with a cosine schedule at ``lr`` for the network's parameters and
+    ``quantizer_lr`` for the quantizers' own (``None``: the same), no weight decay on the latter
+    (:func:`qlib.train.parameter_groups`). Activation quantizers are off for the first
+    ``act_delay`` fraction of the steps (Jacob et al.'s delay; 0 quantizes from the start); with
+    batch norm folded in training (``Run.fold_bn``) its statistics freeze after ``freeze_bn`` of the
+    steps. EWGS's deltas are re-estimated at the start of every ``ewgs_every``-th epoch from
+    ``ewgs_first`` on (the STE before it), on ``ewgs_batches`` batches. The quantizers start from
+    ``calibration_images`` training images.
+    """
+
+    epochs: int = 8
+    lr: float = 1e-3
+    quantizer_lr: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    optimizer: str = "adam"
+    act_delay: float = 0.0
+    freeze_bn: float = 0.9
+    calibration_images: int = 500
+    ewgs_first: int = 2
+    ewgs_every: int = 2
+    ewgs_batches: int = 3
+    ewgs_probes: int = 50
+
+    def __post_init__(self):
+        self.train_config()   # validates the shared fields
+        check_float(self.act_delay, "act_delay", 0.0, 1.0, high_open=True)
+        check_float(self.freeze_bn, "freeze_bn", 0.0, 1.0)
+        check_int(self.calibration_images, "calibration_images", 1)
+        for name in ("ewgs_first", "ewgs_every", "ewgs_batches", "ewgs_probes"):
+            check_int(getattr(self, name), name, 1)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay, optimizer=self.optimizer, quantizer_lr=self.quantizer_lr)
+
+    def replace(self, **changes) -> QATRecipe:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One quantization-aware training run: network, methods, bits, seed and recipe.
+
+    ``weight`` and ``act`` are method names of :mod:`qlib.quantizers.registry` (``act`` defaults to
+    ``weight``); ``epochs=0`` in the recipe is not allowed, but ``ptq=True`` stops after calibration
+    (post-training quantization with the same grids). ``model_kwargs`` (pairs) change the network
+    (e.g. its widths); ``label`` names the run in tables and is not part of its identity.
+    """
+
+    network: str
+    weight: str
+    act: str | None = None
+    bits: int = 4
+    act_bits: int | None = None
+    seed: int = 0
+    recipe: QATRecipe = QATRecipe()
+    first_last_bits: int | None = 8
+    per_channel: bool = True
+    fold_bn: bool = False
+    ptq: bool = False
+    model_kwargs: tuple = ()
+    label: str = ""
+
+    def __post_init__(self):
+        if self.network not in RECIPES:
+            raise ValueError(f"network must be one of {sorted(RECIPES)}, got {self.network!r}")
+        parse_method(self.weight)
+        parse_method(self.act or self.weight)
+        check_bits(self.bits)
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits")
+        check_int(self.seed, "seed", 0)
+        if not isinstance(self.recipe, QATRecipe):
+            raise TypeError(f"recipe must be a QATRecipe, got {type(self.recipe).__name__}")
+
+    @property
+    def name(self) -> str:
+        """The label, or a name made from the methods and bits."""
+        methods = self.weight if (self.act or self.weight) == self.weight else f"{self.weight}/{self.act}"
+        return self.label or f"{methods} W{self.bits}A{self.act_bits or self.bits}"
+
+    def spec(self) -> dict:
+        """Everything the result depends on (the cache key), the label excepted."""
+        spec = dataclasses.asdict(self)
+        spec.pop("label")
+        spec["act"] = self.act or self.weight
+        spec["model_kwargs"] = [list(kv) for kv in self.model_kwargs]
+        return spec
+
+    def key(self) -> str:
+        spec = {"run": self.spec(), "code": code_fingerprint(), "torch": torch.__version__.split("+")[0]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _quantized_eval(model: nn.Module):
+    """A context in which every quantizer of ``model`` is on (the final configuration)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def context():
+        quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+        states = [q.enabled for q in quantizers]
+        for q in quantizers:
+            q.enabled = True
+        try:
+            yield
+        finally:
+            for q, state in zip(quantizers, states):
+                q.enabled = state
+
+    return context()
+
+
+def prepared_model(run: Run, dataset: Dataset | None = None) -> tuple[nn.Module, nn.Module, Dataset]:
+    """``(float model, prepared and calibrated model, data)`` of a run, before any training."""
+    dataset = dataset if dataset is not None else load(RECIPES[run.network].data)
+    float_model, _ = pretrained(run.network, run.seed, data=dataset, model_kwargs=dict(run.model_kwargs),
+                                progress=False)
+    prepared = qat.prepare(float_model, run.weight, run.act or run.weight, bits=run.bits, act_bits=run.act_bits,
+                           first_last_bits=run.first_last_bits, per_channel=run.per_channel,
+                           example_input=dataset.x_train[:64], fold_bn=run.fold_bn)
+    qat.calibrate_quantizers(prepared, dataset.calibration_batches(run.recipe.calibration_images))
+    return float_model, prepared, dataset
+
+
+def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = False
+            ) -> tuple[dict, nn.Module]:
+    """Run one configuration (no cache): ``(result, trained model)``.
+
+    The result holds the float network's and the calibrated start's accuracies (``float_val``,
+    ``float_test``, ``start_val``, ``start_test``), the history per epoch (training loss, validation
+    accuracy under the final quantization configuration), the final ``val`` and ``test`` accuracies,
+    ``test_correct`` and ``val_correct`` (per example, for paired comparisons), the training time in
+    seconds and, for EWGS, its log.
+    """
+    recipe = run.recipe
+    float_model, model, dataset = prepared_model(run, dataset)
+    result = {"run": run.spec(), "label": run.name,
+              "float_val": evaluate(float_model, dataset, "val"), "float_test": evaluate(float_model, dataset),
+              "start_val": evaluate(model, dataset, "val"), "start_test": evaluate(model, dataset)}
+    history, seconds, log = [], 0.0, []
+    if not run.ptq:
+        config = recipe.train_config()
+        total = config.epochs * math.ceil(len(dataset.x_train) / config.batch_size)
+        delay, freeze = int(recipe.act_delay * total), int(recipe.freeze_bn * total)
+        schedule = None
+        if ewgs_quantizers(model):
+            schedule = EWGSSchedule(dataset, every=recipe.ewgs_every, first=recipe.ewgs_first,
+                                    num_batches=recipe.ewgs_batches, max_probes=recipe.ewgs_probes, seed=run.seed)
+
+        def on_step_start(step, m):
+            if step == 0 or step == delay:
+                qat.set_quantization(m, activations=step >= delay)
+            if run.fold_bn and step == freeze:
+                qat.freeze_batchnorm_statistics(m)
+
+        def on_epoch_start(epoch, m):
+            if schedule is not None:
+                schedule(epoch, m)
+
+        def evaluate_epoch(m):
+            with _quantized_eval(m):
+                return {"val_acc": evaluate(m, dataset, "val")}
+
+        start = time.perf_counter()
+        history = train(model, dataset, config, seed=run.seed, progress=progress, desc=run.name, device=device,
+                        on_epoch_start=on_epoch_start, on_step_start=on_step_start, evaluate_epoch=evaluate_epoch)
+        seconds = time.perf_counter() - start
+        qat.set_quantization(model, activations=True)
+        if schedule is not None:
+            schedule.close(model)
+            log = schedule.log
+        model.cpu()
+    result.update({
+        "history": [{"epoch": h["epoch"], "loss": h["loss"], "val_acc": h["val_acc"],
+                     "step_losses": h["step_losses"]} for h in history],
+        "val": evaluate(model, dataset, "val"), "test": evaluate(model, dataset),
+        "val_correct": correct(model, dataset, "val"), "test_correct": correct(model, dataset),
+        "seconds": seconds, "ewgs_log": log})
+    return result, model
+
+
+def cached_run(run: Run, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = False
+               ) -> dict:
+    """The result of ``run`` from the cache (``<cache>/runs``), or executed and cached now.
+
+    The key covers the whole configuration, the torch version and a fingerprint of qlib's code
+    (:func:`qlib.train.code_fingerprint`): a run shared by two chapters trains once per build, and
+    a changed library never serves old results. The trained weights are cached beside the result
+    (:func:`trained_model`).
+    """
+    path = cache_dir() / "runs" / f"{run.key()}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)["result"]
+    result, model = execute(run, dataset, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save({"result": result, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp.name, path)
+    return result
+
+
+def trained_model(run: Run, dataset: Dataset | None = None) -> nn.Module:
+    """The network a cached run trained (running it first if it is not cached), in eval mode."""
+    cached_run(run, dataset)
+    _, model, _ = prepared_model(run, dataset)
+    state = torch.load(cache_dir() / "runs" / f"{run.key()}.pt", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class Results:
+    """The results of a grid of runs, in the order given: a tidy table and paired comparisons."""
+
+    COLUMNS = ("float_val", "float_test", "start_val", "start_test", "val", "test", "seconds")
+
+    def __init__(self, runs: list[Run], results: list[dict]):
+        self.runs, self.results = list(runs), list(results)
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: label, network, bits, seed and the scalar measurements."""
+        rows = []
+        for run, result in zip(self.runs, self.results):
+            row = {"label": run.name, "network": run.network, "weight": run.weight, "act": run.act or run.weight,
+                   "bits": f"W{run.bits}A{run.act_bits or run.bits}", "seed": run.seed, "epochs": run.recipe.epochs,
+                   "lr": run.recipe.lr}
+            row.update({c: result[c] for c in self.COLUMNS})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def select(self, **filters) -> list[tuple[Run, dict]]:
+        """The (run, result) pairs whose fields (``label``, ``network``, ``bits``, ``seed``, ...) match."""
+        def matches(run):
+            for key, value in filters.items():
+                actual = run.name if key == "label" else getattr(run, key)
+                if actual != value:
+                    return False
+            return True
+
+        return [(r, res) for r, res in zip(self.runs, self.results) if matches(r)]
+
+    def correct(self, split: str = "test", **filters) -> np.ndarray:
+        """``(seeds, examples)`` booleans of the matching runs, ordered by seed (one run per seed)."""
+        chosen = sorted(self.select(**filters), key=lambda pair: pair[0].seed)
+        if not chosen:
+            raise ValueError(f"no run matches {filters}")
+        seeds = [run.seed for run, _ in chosen]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{filters} matches several runs per seed; narrow it down")
+        return np.stack([np.asarray(res[f"{split}_correct"]) for _, res in chosen])
+
+    def compare(self, method: dict, baseline: dict, split: str = "test", confidence: float = 0.95) -> Comparison:
+        """``method`` against ``baseline`` (two filters, e.g. ``{"label": "LSQ+"}``), paired by seed and
+        example (:func:`paired_difference`); both must cover the same seeds."""
+        a, b = self.select(**method), self.select(**baseline)
+        if sorted(r.seed for r, _ in a) != sorted(r.seed for r, _ in b):
+            raise ValueError(f"{method} and {baseline} must cover the same seeds")
+        return paired_difference(self.correct(split, **method), self.correct(split, **baseline), confidence)
+
+
+def run_grid(runs, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = None) -> Results:
+    """Run (or fetch from the cache) every configuration of ``runs``; returns :class:`Results`.
+
+    ``progress=None`` shows a bar over the runs unless ``$QLIB_PROGRESS`` is ``0``.
+    """
+    runs = list(runs)
+    if not runs or not all(isinstance(r, Run) for r in runs):
+        raise TypeError("runs must be a non-empty sequence of qlib.experiments.Run")
+    if progress is None:
+        progress = os.environ.get("QLIB_PROGRESS", "1") != "0"
+    from tqdm.auto import tqdm
+
+    datasets = {}
+    results = []
+    for run in tqdm(runs, desc="runs", disable=not progress, unit="run"):
+        name = RECIPES[run.network].data
+        if dataset is None and name not in datasets:
+            datasets[name] = load(name)
+        results.append(cached_run(run, dataset if dataset is not None else datasets[name], device))
+    return Results(runs, results)
+
+
+def grid(network: str, methods: dict, bits, seeds, recipe: QATRecipe = QATRecipe(), **fields) -> list[Run]:
+    """Runs for every method x bit width x seed: ``methods`` maps a label to ``(weight, act)`` names
+    (or one name for both); ``bits`` are ints (``W b A b``) or ``(weight, act)`` pairs; further
+    :class:`Run` fields (``recipe`` per method: a dict label -> recipe) pass through."""
+    runs = []
+    for label, spec in methods.items():
+        weight, act = (spec, spec) if isinstance(spec, str) else spec
+        for b in bits:
+            w_bits, a_bits = (b, b) if isinstance(b, int) else b
+            for seed in seeds:
+                r = recipe[label] if isinstance(recipe, dict) else recipe
+                runs.append(Run(network, weight, act, w_bits, a_bits, seed, r, label=label, **fields))
+    return runs

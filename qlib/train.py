@@ -27,7 +27,8 @@ from ._checks import check_choice, check_float, check_int
 from .data import Dataset, load, random_crop_flip
 from .models import build_model
 
-__all__ = ["seed_everything", "TrainConfig", "predict", "accuracy", "evaluate", "mean_std", "make_optimizer",
+__all__ = ["seed_everything", "TrainConfig", "predict", "accuracy", "evaluate", "correct", "mean_std",
+           "parameter_groups", "code_fingerprint", "make_optimizer",
            "train", "save_checkpoint", "load_checkpoint", "cache_dir", "Recipe", "pretrained", "RECIPES",
            "OPTIMIZERS"]
 
@@ -50,7 +51,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of a training run (cosine learning-rate schedule, no warm-up)."""
+    """Hyper-parameters of a training run (cosine learning-rate schedule, no warm-up).
+
+    ``quantizer_lr``: the learning rate of the quantizers' own parameters (LSQ's steps, PACT's and
+    APoT's clips, DSQ's alpha; see :func:`make_optimizer`), ``None`` for the same as ``lr``.
+    """
 
     epochs: int = 15
     batch_size: int = 64
@@ -59,6 +64,7 @@ class TrainConfig:
     optimizer: str = "adam"
     augment: bool = False  # random crop + flip (CIFAR)
     label_smoothing: float = 0.0
+    quantizer_lr: float | None = None
 
     def __post_init__(self):
         check_int(self.epochs, "epochs", 1)
@@ -67,6 +73,8 @@ class TrainConfig:
         check_float(self.weight_decay, "weight_decay", 0.0)
         check_choice(self.optimizer, "optimizer", OPTIMIZERS)
         check_float(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        if self.quantizer_lr is not None:
+            check_float(self.quantizer_lr, "quantizer_lr", 0.0, low_open=True)
 
 
 def _check_model(model):
@@ -98,10 +106,16 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def evaluate(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = 1000) -> float:
-    """Top-1 accuracy (%) of ``model`` on a split of ``data``."""
-    check_choice(split, "split", ("train", "test"))
-    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+    """Top-1 accuracy (%) of ``model`` on a split (``"train"``, ``"val"``, ``"test"``) of ``data``."""
+    x, y = data.split(split)
     return accuracy(predict(model, x, batch_size), y)
+
+
+def correct(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = 1000) -> torch.Tensor:
+    """Whether ``model`` classifies each example of a split right (a boolean tensor): what paired
+    comparisons over test examples need (:func:`qlib.experiments.paired_difference`)."""
+    x, y = data.split(split)
+    return predict(model, x, batch_size).argmax(dim=1) == y
 
 
 def mean_std(values, digits: int = 1) -> str:
@@ -113,28 +127,51 @@ def mean_std(values, digits: int = 1) -> str:
     return f"{values.mean():.{digits}f} ± {std:.{digits}f}"
 
 
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The network's parameters, and the quantizers' own parameters in a group of their own.
+
+    Quantizer parameters (everything inside a :class:`qlib.quantizers.Quantizer`: steps, clips,
+    offsets, DSQ's alpha) train at ``config.quantizer_lr`` (or ``lr``) and without weight decay:
+    decay would pull a step or a clip towards zero regardless of the task, which is not what
+    PACT's L2 penalty does either (that one is part of the loss, not of the optimizer).
+    """
+    from .quantizers import Quantizer  # the quantizers build on training utilities, not the reverse
+
+    quantizer_ids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    network = [p for p in model.parameters() if id(p) not in quantizer_ids]
+    quantizers = [p for p in model.parameters() if id(p) in quantizer_ids]
+    groups = [{"params": network, "lr": config.lr, "weight_decay": config.weight_decay, "name": "network"}]
+    if quantizers:
+        groups.append({"params": quantizers, "lr": config.quantizer_lr or config.lr, "weight_decay": 0.0,
+                       "name": "quantizers"})
+    return groups
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer a :class:`TrainConfig` asks for: AdamW, or SGD with Nesterov momentum 0.9."""
+    """The optimizer a :class:`TrainConfig` asks for, AdamW or SGD with Nesterov momentum 0.9, over
+    :func:`parameter_groups` (the quantizers' parameters on their own learning rate, not decayed)."""
     _check_model(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    groups = parameter_groups(model, config)
     if config.optimizer == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                           weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), seed: int = 0,
           progress: bool | None = None, desc: str | None = None, device: str = "cpu",
-          on_epoch_start=None) -> list[dict]:
+          on_epoch_start=None, on_step_start=None, evaluate_epoch=None) -> list[dict]:
     """Train ``model`` on ``data`` with cross-entropy; return one record per epoch.
 
     Each record holds ``epoch``, ``loss`` (mean training loss), ``step_losses`` (the loss of each
-    batch), ``train_acc`` (running accuracy over the epoch's batches) and ``test_acc``.
-    ``progress=None`` shows a tqdm bar unless ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains;
-    the data stay in memory on the CPU and move batch by batch. ``on_epoch_start(epoch, model)``,
-    if given, runs before each epoch (1-based): e.g. to switch on activation quantization after a
-    delay or to freeze batch-norm statistics late in training.
+    batch), ``train_acc`` (running accuracy over the epoch's batches) and what ``evaluate_epoch``
+    returns after the epoch: by default ``val_acc``, the accuracy on the validation split (or
+    ``test_acc`` for a data set without one). ``progress=None`` shows a tqdm bar unless
+    ``$QLIB_PROGRESS`` is ``0``. ``device`` (e.g. ``"cuda"``) is where the model trains; the data
+    stay in memory on the CPU and move batch by batch. Callbacks: ``on_epoch_start(epoch, model)``
+    before each epoch (1-based), ``on_step_start(step, model)`` before each optimizer step (0-based,
+    counting across epochs), e.g. to switch on activation quantization after a fraction of the steps.
     """
     _check_model(model)
     if not isinstance(data, Dataset):
@@ -149,14 +186,22 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     if progress is None:
         progress = os.environ.get("QLIB_PROGRESS", "1") != "0"
-    history = []
+    if evaluate_epoch is None:
+        split = "val" if len(data.x_val) else "test"
+
+        def evaluate_epoch(m):
+            return {f"{split}_acc": evaluate(m, data, split)}
+
+    history, step = [], 0
     bar = tqdm(range(1, config.epochs + 1), desc=desc or type(model).__name__, disable=not progress, unit="epoch")
     for epoch in bar:
         if on_epoch_start is not None:
             on_epoch_start(epoch, model)
         model.train()
-        total_loss, correct, seen, step_losses = 0.0, 0, 0, []
+        total_loss, correct_count, seen, step_losses = 0.0, 0, 0, []
         for x, y in data.train_batches(config.batch_size, generator):
+            if on_step_start is not None:
+                on_step_start(step, model)
             if config.augment:
                 x = random_crop_flip(x, generator=generator)
             x, y = x.to(device), y.to(device)
@@ -166,17 +211,18 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             loss.backward()
             optimizer.step()
             schedule.step()
+            step += 1
             step_losses.append(loss.item())
             total_loss += step_losses[-1] * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct_count += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training diverged in epoch {epoch} (loss {total_loss}); lower lr")
         record = {"epoch": epoch, "loss": total_loss / seen, "step_losses": step_losses,
-                  "train_acc": 100.0 * correct / seen,
-                  "test_acc": evaluate(model, data)}
+                  "train_acc": 100.0 * correct_count / seen, **evaluate_epoch(model)}
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_acc']:.2f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.2f}" for k, v in record.items()
+                                                         if k.endswith("_acc") and k != "train_acc"})
     model.eval()
     return history
 
@@ -216,6 +262,25 @@ def _cache_key(spec: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def code_fingerprint(files=None) -> str:
+    """A hash of qlib's source files (``files``: paths relative to the package; default every module
+    but :mod:`qlib.plots`), so that a cached result is reused only by the code that computed it."""
+    package = Path(__file__).resolve().parent
+    if files is None:
+        paths = sorted(p for p in package.rglob("*.py") if p.name != "plots.py")
+    else:
+        paths = sorted(package / f for f in files)
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+#: The modules a float network's training depends on (their source is part of its cache key).
+_FLOAT_TRAINING_CODE = ("_checks.py", "data.py", "models.py", "train.py")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a running-example network is trained in float: its data set and training configuration."""
@@ -242,8 +307,9 @@ def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, con
 
     ``data`` and ``config`` default to the model's entry in :data:`RECIPES`. The cache key
     covers the model name and arguments, the data set name and arguments, the training
-    configuration, the seed and the torch version. Returns the model (in eval mode) and its
-    record: ``test_acc``, ``history``, ``key`` and ``spec``.
+    configuration, the seed, the torch version and the source of the modules training uses
+    (:func:`code_fingerprint`). Returns the model (in eval mode) and its record: ``val_acc``,
+    ``test_acc``, ``history``, ``key`` and ``spec``.
     """
     if model not in RECIPES:
         raise ValueError(f"model must be one of {sorted(RECIPES)}, got {model!r}")
@@ -255,7 +321,8 @@ def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, con
     spec = {"model": model, "model_kwargs": model_kwargs, "data": dataset.name,
             "data_kwargs": {k: str(v) for k, v in data_kwargs.items()},
             "config": dataclasses.asdict(config), "seed": check_int(seed, "seed", 0),
-            "torch": torch.__version__.split("+")[0], "format": CHECKPOINT_FORMAT}
+            "torch": torch.__version__.split("+")[0], "format": CHECKPOINT_FORMAT,
+            "code": code_fingerprint(_FLOAT_TRAINING_CODE)}
     key = _cache_key(spec)
     path = cache_dir() / f"{model}-{dataset.name}-seed{seed}-{key}.pt"
     seed_everything(seed)  # the initial weights depend on the seed
@@ -266,6 +333,7 @@ def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, con
         return net, meta
     history = train(net, dataset, config, seed=seed, progress=progress, desc=f"{model} seed {seed}", device=device)
     net.cpu()
-    meta = {"test_acc": history[-1]["test_acc"], "history": history, "key": key, "spec": spec}
+    meta = {"val_acc": evaluate(net, dataset, "val") if len(dataset.x_val) else None,
+            "test_acc": evaluate(net, dataset), "history": history, "key": key, "spec": spec}
     save_checkpoint(path, net, **meta)
     return net, meta

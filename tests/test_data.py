@@ -13,14 +13,17 @@ from qlib import data
 
 def test_mnist5k_split_is_fixed_stratified_and_disjoint():
     d = data.load_mnist5k()
-    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert d.x_train.shape == (3500, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert d.x_val.shape == (500, 1, 28, 28)
     assert torch.bincount(d.y_test).tolist() == [100] * 10
-    assert torch.bincount(d.y_train).tolist() == [400] * 10
+    assert torch.bincount(d.y_val).tolist() == [50] * 10
+    assert torch.bincount(d.y_train).tolist() == [350] * 10
     again = data.load_mnist5k()
-    assert torch.equal(d.x_test, again.x_test)
-    # no image is in both splits
-    train_rows = {r.tobytes() for r in d.x_train.reshape(4000, -1).numpy()}
-    assert not any(r.tobytes() in train_rows for r in d.x_test.reshape(1000, -1).numpy())
+    assert torch.equal(d.x_test, again.x_test) and torch.equal(d.x_val, again.x_val)
+    # no image is in two splits
+    rows = {name: {r.tobytes() for r in x.reshape(len(x), -1).numpy()}
+            for name, x in (("train", d.x_train), ("val", d.x_val), ("test", d.x_test))}
+    assert not rows["train"] & rows["test"] and not rows["train"] & rows["val"] and not rows["val"] & rows["test"]
     # standardised with the training statistics
     assert abs(d.x_train.mean().item()) < 1e-5 and abs(d.x_train.std().item() - 1) < 1e-4
 
@@ -28,16 +31,29 @@ def test_mnist5k_split_is_fixed_stratified_and_disjoint():
 def test_digits_split():
     d = data.load_digits()
     assert d.x_train.shape[1:] == (1, 8, 8)
-    assert len(d.x_train) + len(d.x_test) == 1797
-    assert abs(len(d.x_test) - 0.2 * 1797) < 10
+    assert len(d.x_train) + len(d.x_val) + len(d.x_test) == 1797
+    assert abs(len(d.x_test) - 0.2 * 1797) < 10 and abs(len(d.x_val) - 0.1 * 1797) < 10
 
 
-def test_mnist1d_default_and_configurable_test_size():
+def test_mnist1d_keeps_the_canonical_training_set_and_extends_the_test_set():
+    from mnist1d.data import get_dataset_args, make_dataset
+
     d = data.load_mnist1d()
-    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40)
-    big = data.load_mnist1d(n_train=400, n_test=3000)
-    assert big.x_train.shape == (400, 1, 40) and big.x_test.shape == (3000, 1, 40)
-    assert set(big.y_test.tolist()) == set(range(10))
+    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (10_000, 1, 40) and d.x_val.shape == (2000, 1, 40)
+    canonical = make_dataset(get_dataset_args())           # the package's own 4,000 / 1,000 split
+    x = torch.tensor(canonical["x"][:, None, :], dtype=torch.float32)
+    assert torch.allclose((x - x.mean()) / x.std(), d.x_train, atol=1e-5)
+    assert torch.equal(d.y_train, torch.tensor(canonical["y"])) and torch.equal(d.y_test[:1000],
+                                                                               torch.tensor(canonical["y_test"]))
+    xt = torch.tensor(canonical["x_test"][:, None, :], dtype=torch.float32)
+    assert torch.allclose((xt - x.mean()) / x.std(), d.x_test[:1000], atol=1e-5)   # same units as training
+    assert all(950 <= n <= 1050 for n in torch.bincount(d.y_test).tolist())   # the canonical 1,000 are shuffled
+    assert torch.bincount(d.y_val).tolist() == [200] * 10
+    small = data.load_mnist1d(n_train=400, n_test=300, n_val=0)
+    assert small.x_train.shape == (400, 1, 40) and small.x_test.shape == (300, 1, 40) and len(small.x_val) == 0
+    assert torch.equal(data.load_mnist1d(n_test=2000).x_train, d.x_train)    # the test size leaves training alone
+    with pytest.raises(ValueError, match="no val split"):
+        small.split("val")
 
 
 def test_mnist1d_leaves_global_random_state_alone():
@@ -119,7 +135,7 @@ def test_random_crop_flip_keeps_content():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="n_train and n_test must be multiples of 10"):
+    with pytest.raises(ValueError, match="n_train, n_test and n_val must be multiples of 10"):
         data.load_mnist1d(n_train=105)
     with pytest.raises(ValueError, match="name must be one of"):
         data.load("imagenet")

@@ -34,7 +34,7 @@ def test_training_learns_and_is_repeatable(digits):
     before = train.evaluate(model_a, digits)
     history = train.train(model_a, digits, FAST, seed=0, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert history[-1]["test_acc"] > max(before, 50.0)
+    assert history[-1]["val_acc"] > max(before, 50.0)
     batches = math.ceil(len(digits.x_train) / FAST.batch_size)
     for record in history:   # the epoch's loss is the batch losses weighted by batch size
         sizes = [FAST.batch_size] * (batches - 1) + [len(digits.x_train) - FAST.batch_size * (batches - 1)]
@@ -94,7 +94,7 @@ def test_bad_input(digits):
     with pytest.raises(TypeError, match="data must be a qlib.data.Dataset"):
         train.train(small_cnn(), [1, 2], FAST)
     with pytest.raises(ValueError, match="split must be one of"):
-        train.evaluate(small_cnn(), digits, split="val")
+        train.evaluate(small_cnn(), digits, split="valid")
     with pytest.raises(ValueError, match="model must be one of"):
         train.pretrained("alexnet")
     with pytest.raises(ValueError, match="values is empty"):
@@ -169,3 +169,24 @@ def test_predict_and_make_optimizer_bad_input():
         train.make_optimizer(nn.Linear(2, 2), {"lr": 0.1})
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         train.make_optimizer("model", train.TrainConfig())
+
+
+def test_step_callback_counts_steps_and_the_epoch_evaluation_is_pluggable(digits):
+    model = small_cnn()
+    steps = []
+    history = train.train(model, digits, FAST, progress=False, on_step_start=lambda s, m: steps.append(s),
+                          evaluate_epoch=lambda m: {"custom": 1.0})
+    per_epoch = math.ceil(len(digits.x_train) / FAST.batch_size)
+    assert steps == list(range(FAST.epochs * per_epoch))
+    assert all(r["custom"] == 1.0 and "val_acc" not in r for r in history)
+
+
+def test_correct_marks_each_example():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    y = torch.tensor([0, 0, 0])
+    ds = data.Dataset("toy", x, y, x, y, ("a", "b"), x_val=x[:1], y_val=y[:1])
+    assert train.correct(model, ds).tolist() == [True, False, True]
+    assert train.evaluate(model, ds, "val") == 100.0

@@ -1,0 +1,134 @@
+"""The experiment harness: runs, the result cache, the final-configuration learning curve, comparisons."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qlib import experiments, models, qat, train
+from qlib.data import load_digits
+from qlib.experiments import QATRecipe, Run, cached_run, execute, grid, run_grid, trained_model
+
+FAST = QATRecipe(epochs=2, lr=1e-2, batch_size=128, calibration_images=200)
+
+
+class Tiny(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(models.conv_bn_relu(1, width, 3), models.conv_bn_relu(width, width, 3, 2))
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(width * 16, 10)
+
+    def forward(self, x):
+        return self.classifier(self.flatten(self.features(x)))
+
+
+@pytest.fixture()
+def tiny(monkeypatch, tmp_path):
+    """A registered tiny network on scikit-learn's digits, with a private cache."""
+    monkeypatch.setitem(models.MODELS, "tiny", Tiny)
+    monkeypatch.setitem(train.RECIPES, "tiny", train.Recipe("digits", train.TrainConfig(epochs=3, lr=1e-2)))
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path))
+    return load_digits()
+
+
+@pytest.mark.slow  # trains networks
+def test_a_run_measures_what_it_says(tiny):
+    run = Run("tiny", "lsq", "lsq", bits=3, seed=0, recipe=FAST)
+    result, model = execute(run, tiny)
+    assert result["float_val"] == pytest.approx(train.evaluate(train.pretrained("tiny", 0, data=tiny)[0], tiny, "val"))
+    assert len(result["history"]) == 2 and all(0 <= h["val_acc"] <= 100 for h in result["history"])
+    assert result["test"] == pytest.approx(100 * float(result["test_correct"].float().mean()))
+    assert result["val"] == pytest.approx(result["history"][-1]["val_acc"])   # the curve ends where the run does
+    assert result["test"] == pytest.approx(train.evaluate(model, tiny)) and result["seconds"] > 0
+    ptq = execute(Run("tiny", "lsq", "lsq", bits=3, seed=0, recipe=FAST, ptq=True), tiny)[0]
+    assert ptq["history"] == [] and ptq["test"] == pytest.approx(ptq["start_test"]) == pytest.approx(
+        result["start_test"])
+
+
+@pytest.mark.slow  # trains networks
+def test_the_cache_serves_a_run_once_and_keys_everything_but_the_label(tiny, monkeypatch):
+    run = Run("tiny", "lsq", bits=3, recipe=FAST, label="first")
+    first = cached_run(run, tiny)
+    monkeypatch.setattr(experiments, "execute", lambda *a, **k: pytest.fail("ran again instead of the cache"))
+    again = cached_run(Run("tiny", "lsq", bits=3, recipe=FAST, label="another name"), tiny)
+    assert again["test"] == first["test"] and torch.equal(again["test_correct"], first["test_correct"])
+    assert Run("tiny", "lsq", bits=3, recipe=FAST.replace(lr=2e-2)).key() != run.key()
+    assert Run("tiny", "lsq", bits=3, recipe=FAST, seed=1).key() != run.key()
+    original = run.key()
+    assert Run("tiny", "lsq", bits=3, recipe=FAST).key() == original
+    monkeypatch.setattr(experiments, "code_fingerprint", lambda: "other code")
+    assert Run("tiny", "lsq", bits=3, recipe=FAST).key() != original   # changed code, new runs
+
+
+@pytest.mark.slow  # trains networks
+def test_trained_model_is_the_network_the_run_measured(tiny):
+    run = Run("tiny", "lsq", bits=3, recipe=FAST)
+    result = cached_run(run, tiny)
+    model = trained_model(run, tiny)
+    assert train.evaluate(model, tiny) == pytest.approx(result["test"])
+
+
+@pytest.mark.slow  # trains networks
+def test_activation_delay_switches_at_its_fraction_and_curves_use_the_final_configuration(tiny, monkeypatch):
+    switches = []
+    original = qat.set_quantization
+
+    def spy(model, weights=None, activations=None):
+        switches.append(activations)
+        return original(model, weights, activations)
+
+    monkeypatch.setattr(qat, "set_quantization", spy)
+    seen = []
+    original_evaluate = experiments.evaluate
+
+    def evaluate(model, data, split="test", batch_size=1000):
+        seen.append(all(q.enabled for q in model.modules() if isinstance(q, experiments.Quantizer)))
+        return original_evaluate(model, data, split, batch_size)
+
+    monkeypatch.setattr(experiments, "evaluate", evaluate)
+    execute(Run("tiny", "lsq", bits=3, recipe=FAST.replace(act_delay=0.5)), tiny)
+    assert switches[:2] == [False, True]          # off from step 0, on at half of the steps
+    assert all(seen)                               # every evaluation with every quantizer on
+
+
+@pytest.mark.slow  # trains networks
+def test_grid_and_paired_comparison(tiny):
+    runs = grid("tiny", {"LSQ": "lsq", "minmax": "minmax"}, [3], seeds=[0, 1], recipe=FAST)
+    assert [r.name for r in runs] == ["LSQ", "LSQ", "minmax", "minmax"]
+    results = run_grid(runs, tiny, progress=False)
+    table = results.table()
+    assert list(table.label) == ["LSQ", "LSQ", "minmax", "minmax"] and set(table.seed) == {0, 1}
+    comparison = results.compare({"label": "LSQ"}, {"label": "minmax"})
+    lsq, minmax = results.correct(label="LSQ"), results.correct(label="minmax")
+    assert lsq.shape == (2, len(tiny.y_test))
+    assert comparison.difference == pytest.approx(100 * (lsq.mean() - minmax.mean()))
+    assert comparison.verdict in experiments.VERDICTS
+    with pytest.raises(ValueError, match="no run matches"):
+        results.correct(label="DSQ")
+
+
+def test_runs_refuse_what_they_cannot_be():
+    with pytest.raises(ValueError, match="network must be one of"):
+        Run("nope", "lsq")
+    with pytest.raises(ValueError, match="method must be a grid"):
+        Run("mnist1d_cnn", "lsq+sgd")
+    with pytest.raises(ValueError, match="act_delay"):
+        QATRecipe(act_delay=1.0)
+    with pytest.raises(TypeError, match="recipe must be a QATRecipe"):
+        Run("mnist1d_cnn", "lsq", recipe=train.TrainConfig())
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        run_grid([])
+
+
+def test_quantizer_parameters_get_their_own_group_without_decay():
+    model = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "lsq", "pact", bits=4)
+    groups = train.parameter_groups(model, train.TrainConfig(lr=1e-3, quantizer_lr=5e-2, weight_decay=0.1))
+    network, quantizers = groups
+    assert network["lr"] == 1e-3 and network["weight_decay"] == 0.1
+    assert quantizers["lr"] == 5e-2 and quantizers["weight_decay"] == 0.0
+    assert len(network["params"]) == 4                       # two weights, two biases
+    assert {id(p) for p in quantizers["params"]} == {id(p) for m in model.modules()
+                                                    if isinstance(m, experiments.Quantizer) for p in m.parameters()}
+    single = train.parameter_groups(nn.Linear(2, 2), train.TrainConfig())
+    assert len(single) == 1 and np.isclose(single[0]["lr"], train.TrainConfig().lr)
