@@ -1,9 +1,10 @@
 """Training-step time of quantization-aware training, relative to float training.
 
-Same model (MnistCNN), same batch, same optimizer, measured side by side in one process:
-float training, qlib QAT (STE ranges and LSQ, 4-bit) and PyTorch's own eager-mode QAT
-(torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig), taking turns step by
-step. Prints ratios of median step times only (lower is faster).
+Same model (MnistCNN, then Mnist1DCNN), same batch, same optimizer, measured side by side in one
+process: float training, qlib QAT at W4A4 (observed min/max ranges with the straight-through
+estimator, LSQ on its fused path, LSQ through autograd step by step: the readable reference) and
+PyTorch's own eager-mode QAT (torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig,
+8-bit), taking turns step by step. Prints ratios of median step times only (lower is faster).
 
     python bench/qat_overhead.py
 """
@@ -18,7 +19,17 @@ import torch
 from torch import nn
 
 from qlib import data, qat
-from qlib.models import MnistCNN
+from qlib.models import Mnist1DCNN, MnistCNN
+from qlib.quantizers import LSQ, STE
+
+
+class ReadableSTE(STE):
+    """The straight-through estimator through autograd, op by op (a subclass skips the fused path)."""
+
+
+def readable_lsq(model, x):
+    return qat.prepare(model, lambda b, m: LSQ(b, signed=True, axis=0, rounding=ReadableSTE()),
+                       lambda b, s: LSQ(b, signed=s, rounding=ReadableSTE()), bits=4, example_input=x)
 
 
 def make_step(model, x, y):
@@ -65,23 +76,24 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    dataset = data.load_mnist5k()
-    x, y = dataset.x_train[:args.batch], dataset.y_train[:args.batch]
-    model = MnistCNN()
-    contenders = {
-        "float32": copy.deepcopy(model),
-        "qlib QAT, STE ranges (W4A4)": qat.prepare(model, "ste", "ste", bits=4, example_input=x),
-        "qlib QAT, LSQ (W4A4)": qat.prepare(model, "lsq", "lsq", bits=4, example_input=x),
-        "torch.ao QAT, FakeQuantize (8-bit)": torch_ao_qat(model),
-    }
-    times = step_seconds(contenders, x, y, args.repeats)
-    print(f"training step, batch {args.batch}: time relative to float32 training (lower is faster)")
-    for name, t in times.items():
-        print(f"{name:>36} | {t / times['float32']:.2f}x")
-    ao = times["torch.ao QAT, FakeQuantize (8-bit)"]
-    for name in ("qlib QAT, STE ranges (W4A4)", "qlib QAT, LSQ (W4A4)"):
-        print(f"{name:>36} | {times[name] / ao:.2f}x the torch.ao QAT step")
+    for network, dataset in ((MnistCNN, data.load_mnist5k()), (Mnist1DCNN, data.load_mnist1d())):
+        torch.manual_seed(0)
+        x, y = dataset.x_train[:args.batch], dataset.y_train[:args.batch]
+        model = network()
+        contenders = {
+            "float32": copy.deepcopy(model),
+            "qlib QAT, min/max + STE (W4A4)": qat.prepare(model, "minmax", "minmax", bits=4, example_input=x),
+            "qlib QAT, LSQ (W4A4)": qat.prepare(model, "lsq", "lsq", bits=4, example_input=x),
+            "qlib QAT, LSQ through autograd": readable_lsq(model, x),
+            "torch.ao QAT, FakeQuantize (8-bit)": torch_ao_qat(model),
+        }
+        times = step_seconds(contenders, x, y, args.repeats)
+        print(f"{network.__name__}, training step, batch {args.batch}: time relative to float32 (lower is faster)")
+        for name, t in times.items():
+            print(f"{name:>36} | {t / times['float32']:.2f}x")
+        ao = times["torch.ao QAT, FakeQuantize (8-bit)"]
+        for name in ("qlib QAT, min/max + STE (W4A4)", "qlib QAT, LSQ (W4A4)"):
+            print(f"{name:>36} | {times[name] / ao:.2f}x the torch.ao QAT step")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ from ._checks import check_bits, check_float, check_int
 from .data import Dataset, load
 from .quantizers import EWGSSchedule, Quantizer, ewgs_quantizers, parse_method
 from .train import (RECIPES, TrainConfig, cache_dir, code_fingerprint, correct, evaluate, mean_std, pretrained,
-                    train)
+                    pretrained_path, single_threaded, train)
 
 __all__ = ["summarise", "error_ratio", "Comparison", "paired_t", "paired_difference", "VERDICTS", "QATRecipe", "Run",
-           "Results", "run_grid", "grid", "execute", "cached_run", "trained_model", "prepared_model"]
+           "Results", "run_grid", "grid", "execute", "cached_run", "trained_model", "prepared_model", "run_path",
+           "default_workers", "running_data"]
 
 
 def error_ratio(accuracy, reference) -> np.ndarray:
@@ -269,9 +270,20 @@ def _quantized_eval(model: nn.Module):
     return context()
 
 
+_DATASETS: dict[str, Dataset] = {}
+
+
+def running_data(network: str) -> Dataset:
+    """The data set a running-example network trains on, loaded once per process."""
+    name = RECIPES[network].data
+    if name not in _DATASETS:
+        _DATASETS[name] = load(name)
+    return _DATASETS[name]
+
+
 def prepared_model(run: Run, dataset: Dataset | None = None) -> tuple[nn.Module, nn.Module, Dataset]:
     """``(float model, prepared and calibrated model, data)`` of a run, before any training."""
-    dataset = dataset if dataset is not None else load(RECIPES[run.network].data)
+    dataset = dataset if dataset is not None else running_data(run.network)
     float_model, _ = pretrained(run.network, run.seed, data=dataset, model_kwargs=dict(run.model_kwargs),
                                 progress=False)
     prepared = qat.prepare(float_model, run.weight, run.act or run.weight, bits=run.bits, act_bits=run.act_bits,
@@ -289,8 +301,14 @@ def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progr
     ``float_test``, ``start_val``, ``start_test``), the history per epoch (training loss, validation
     accuracy under the final quantization configuration), the final ``val`` and ``test`` accuracies,
     ``test_correct`` and ``val_correct`` (per example, for paired comparisons), the training time in
-    seconds and, for EWGS, its log.
+    seconds and, for EWGS, its log. Everything runs on one CPU thread (:func:`qlib.train.single_threaded`):
+    calibration, training and evaluation give the same numbers wherever the run executes.
     """
+    with single_threaded():
+        return _execute(run, dataset, device, progress)
+
+
+def _execute(run, dataset, device, progress):
     recipe = run.recipe
     float_model, model, dataset = prepared_model(run, dataset)
     result = {"run": run.spec(), "label": run.name,
@@ -338,6 +356,11 @@ def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progr
     return result, model
 
 
+def run_path(run: Run) -> "os.PathLike":
+    """Where a run's result and weights are cached."""
+    return cache_dir() / "runs" / f"{run.key()}.pt"
+
+
 def cached_run(run: Run, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = False
                ) -> dict:
     """The result of ``run`` from the cache (``<cache>/runs``), or executed and cached now.
@@ -347,7 +370,7 @@ def cached_run(run: Run, dataset: Dataset | None = None, device: str = "cpu", pr
     a changed library never serves old results. The trained weights are cached beside the result
     (:func:`trained_model`).
     """
-    path = cache_dir() / "runs" / f"{run.key()}.pt"
+    path = run_path(run)
     if path.exists():
         return torch.load(path, weights_only=True)["result"]
     result, model = execute(run, dataset, device, progress)
@@ -361,7 +384,8 @@ def cached_run(run: Run, dataset: Dataset | None = None, device: str = "cpu", pr
 def trained_model(run: Run, dataset: Dataset | None = None) -> nn.Module:
     """The network a cached run trained (running it first if it is not cached), in eval mode."""
     cached_run(run, dataset)
-    _, model, _ = prepared_model(run, dataset)
+    with single_threaded():
+        _, model, _ = prepared_model(run, dataset)
     state = torch.load(cache_dir() / "runs" / f"{run.key()}.pt", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     return model.eval()
@@ -416,25 +440,63 @@ class Results:
         return paired_difference(self.correct(split, **method), self.correct(split, **baseline), confidence)
 
 
-def run_grid(runs, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = None) -> Results:
+def default_workers(device: str = "cpu") -> int:
+    """How many runs train side by side: ``$QLIB_WORKERS``, else one per CPU core up to 2 on the CPU
+    (each run on one thread: two single-threaded trainings finish sooner than one on two threads,
+    and a busy machine slows them evenly), and 1 on an accelerator."""
+    if "QLIB_WORKERS" in os.environ:
+        return check_int(int(os.environ["QLIB_WORKERS"]), "QLIB_WORKERS", 1)
+    return min(2, os.cpu_count() or 1) if device == "cpu" else 1
+
+
+def _worker_setup(cache):
+    os.environ["QLIB_CACHE_DIR"], os.environ["QLIB_PROGRESS"] = cache, "0"
+    torch.set_num_threads(1)
+
+
+def _pretrain_in_worker(network, seed, model_kwargs):
+    pretrained(network, seed, data=running_data(network), model_kwargs=dict(model_kwargs), progress=False)
+
+
+def _run_in_worker(run, device):
+    cached_run(run, None, device)
+
+
+def run_grid(runs, dataset: Dataset | None = None, device: str = "cpu", progress: bool | None = None,
+             workers: int | None = None) -> Results:
     """Run (or fetch from the cache) every configuration of ``runs``; returns :class:`Results`.
 
-    ``progress=None`` shows a bar over the runs unless ``$QLIB_PROGRESS`` is ``0``.
+    Runs missing from the cache (and the float networks they start from) train in ``workers``
+    processes side by side (default :func:`default_workers`; 1 trains here, in this process).
+    Every run trains on one thread either way, so where it ran does not change its result.
+    ``dataset`` (a data set of your own) always trains here. ``progress=None`` shows a bar over the
+    runs unless ``$QLIB_PROGRESS`` is ``0``.
     """
     runs = list(runs)
     if not runs or not all(isinstance(r, Run) for r in runs):
         raise TypeError("runs must be a non-empty sequence of qlib.experiments.Run")
     if progress is None:
         progress = os.environ.get("QLIB_PROGRESS", "1") != "0"
+    workers = default_workers(device) if workers is None else check_int(workers, "workers", 1)
     from tqdm.auto import tqdm
 
-    datasets = {}
-    results = []
-    for run in tqdm(runs, desc="runs", disable=not progress, unit="run"):
-        name = RECIPES[run.network].data
-        if dataset is None and name not in datasets:
-            datasets[name] = load(name)
-        results.append(cached_run(run, dataset if dataset is not None else datasets[name], device))
+    missing = list(dict.fromkeys(r for r in runs if not run_path(r).exists()))
+    if missing and workers > 1 and dataset is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        floats = list(dict.fromkeys((r.network, r.seed, r.model_kwargs) for r in missing
+                                    if not pretrained_path(r.network, r.seed, model_kwargs=dict(r.model_kwargs))[0]
+                                    .exists()))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup, initargs=(str(cache_dir()),)) as pool:
+            for future in [pool.submit(_pretrain_in_worker, *f) for f in floats]:
+                future.result()
+            futures = [pool.submit(_run_in_worker, r, device) for r in missing]
+            for future in tqdm(futures, desc="runs", disable=not progress, unit="run"):
+                future.result()
+    results = [cached_run(run, dataset, device) for run in
+               tqdm(runs, desc="runs", disable=not progress or (workers > 1 and dataset is None), unit="run")]
     return Results(runs, results)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .data import Dataset, load, random_crop_flip
 from .models import build_model
 
 __all__ = ["seed_everything", "TrainConfig", "predict", "accuracy", "evaluate", "correct", "mean_std",
-           "parameter_groups", "code_fingerprint", "make_optimizer",
+           "parameter_groups", "code_fingerprint", "make_optimizer", "single_threaded", "pretrained_path",
            "train", "save_checkpoint", "load_checkpoint", "cache_dir", "Recipe", "pretrained", "RECIPES",
            "OPTIMIZERS"]
 
@@ -300,6 +301,39 @@ RECIPES = {
 }
 
 
+@contextmanager
+def single_threaded():
+    """Run the block on one CPU thread (restored afterwards).
+
+    Every cached network trains this way, so that its weights do not depend on how many threads
+    the machine offered (reductions split across threads round differently), and so that two
+    trainings can share a 2-core machine side by side without their thread pools fighting.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pretrained_path(model: str, seed: int = 0, config: TrainConfig | None = None, model_kwargs: dict | None = None,
+                    data_name: str | None = None, data_kwargs: dict | None = None) -> tuple[Path, dict]:
+    """Where :func:`pretrained` caches a network, and the spec its key hashes."""
+    if model not in RECIPES:
+        raise ValueError(f"model must be one of {sorted(RECIPES)}, got {model!r}")
+    recipe = RECIPES[model]
+    config = recipe.config if config is None else config
+    data_name = recipe.data if data_name is None else data_name
+    spec = {"model": model, "model_kwargs": dict(model_kwargs or {}), "data": data_name,
+            "data_kwargs": {k: str(v) for k, v in dict(data_kwargs or {}).items()},
+            "config": dataclasses.asdict(config), "seed": check_int(seed, "seed", 0),
+            "torch": torch.__version__.split("+")[0], "format": CHECKPOINT_FORMAT,
+            "code": code_fingerprint(_FLOAT_TRAINING_CODE)}
+    key = _cache_key(spec)
+    return cache_dir() / f"{model}-{data_name}-seed{seed}-{key}.pt", spec
+
+
 def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, config: TrainConfig | None = None,
                model_kwargs: dict | None = None, data_kwargs: dict | None = None,
                progress: bool | None = None, device: str = "cpu") -> tuple[nn.Module, dict]:
@@ -308,8 +342,9 @@ def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, con
     ``data`` and ``config`` default to the model's entry in :data:`RECIPES`. The cache key
     covers the model name and arguments, the data set name and arguments, the training
     configuration, the seed, the torch version and the source of the modules training uses
-    (:func:`code_fingerprint`). Returns the model (in eval mode) and its record: ``val_acc``,
-    ``test_acc``, ``history``, ``key`` and ``spec``.
+    (:func:`code_fingerprint`). Training runs on one CPU thread (:func:`single_threaded`).
+    Returns the model (in eval mode) and its record: ``val_acc``, ``test_acc``, ``history``,
+    ``key`` and ``spec``.
     """
     if model not in RECIPES:
         raise ValueError(f"model must be one of {sorted(RECIPES)}, got {model!r}")
@@ -318,20 +353,17 @@ def pretrained(model: str, seed: int = 0, data: str | Dataset | None = None, con
     model_kwargs, data_kwargs = dict(model_kwargs or {}), dict(data_kwargs or {})
     data = recipe.data if data is None else data
     dataset = data if isinstance(data, Dataset) else load(data, **data_kwargs)
-    spec = {"model": model, "model_kwargs": model_kwargs, "data": dataset.name,
-            "data_kwargs": {k: str(v) for k, v in data_kwargs.items()},
-            "config": dataclasses.asdict(config), "seed": check_int(seed, "seed", 0),
-            "torch": torch.__version__.split("+")[0], "format": CHECKPOINT_FORMAT,
-            "code": code_fingerprint(_FLOAT_TRAINING_CODE)}
+    path, spec = pretrained_path(model, seed, config, model_kwargs, dataset.name, data_kwargs)
     key = _cache_key(spec)
-    path = cache_dir() / f"{model}-{dataset.name}-seed{seed}-{key}.pt"
     seed_everything(seed)  # the initial weights depend on the seed
     net = build_model(model, **model_kwargs)
     if path.exists():
         meta = load_checkpoint(path, net)
         net.eval()
         return net, meta
-    history = train(net, dataset, config, seed=seed, progress=progress, desc=f"{model} seed {seed}", device=device)
+    with single_threaded():
+        history = train(net, dataset, config, seed=seed, progress=progress, desc=f"{model} seed {seed}",
+                        device=device)
     net.cpu()
     meta = {"val_acc": evaluate(net, dataset, "val") if len(dataset.x_val) else None,
             "test_acc": evaluate(net, dataset), "history": history, "key": key, "spec": spec}

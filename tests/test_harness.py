@@ -132,3 +132,15 @@ def test_quantizer_parameters_get_their_own_group_without_decay():
                                                     if isinstance(m, experiments.Quantizer) for p in m.parameters()}
     single = train.parameter_groups(nn.Linear(2, 2), train.TrainConfig())
     assert len(single) == 1 and np.isclose(single[0]["lr"], train.TrainConfig().lr)
+
+
+@pytest.mark.slow  # trains two float networks and two quantized runs, twice
+def test_runs_in_worker_processes_give_what_they_give_here(tmp_path, monkeypatch):
+    recipe = QATRecipe(epochs=1, batch_size=256, calibration_images=100)
+    runs = [Run("mnist1d_cnn", "lsq", bits=4, seed=s, recipe=recipe) for s in (0, 1)]
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "workers"))
+    parallel = run_grid(runs, progress=False, workers=2)
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "here"))
+    here = run_grid(runs, progress=False, workers=1)
+    for a, b in zip(parallel.results, here.results):
+        assert torch.equal(a["test_correct"], b["test_correct"]) and a["test"] == b["test"]

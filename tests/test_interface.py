@@ -169,3 +169,32 @@ def test_training_forward_and_backward_never_leave_the_device(method, device, mo
         out = prepared(torch.randn(16, 6, device=device))
         out.square().mean().backward()
     assert out.device.type == device
+
+
+class ReadableSTE(STE):
+    """The straight-through estimator through autograd, step by step (a subclass skips the fused path)."""
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: LSQ(3, signed=True, rounding=r), lambda r: LSQ(4, signed=True, axis=0, rounding=r),
+    lambda r: LSQ(2, signed=False, rounding=r),
+    lambda r: RangeFakeQuantizer(4, signed=False, range="ema", rounding=r),
+    lambda r: RangeFakeQuantizer(3, signed=True, scheme="asymmetric", range="current", rounding=r),
+    lambda r: RangeFakeQuantizer(4, signed=True, scheme="symmetric", narrow_range=True, axis=0, range="current",
+                                 rounding=r)], ids=["lsq", "lsq per channel", "lsq unsigned", "ema", "asymmetric",
+                                                    "symmetric per channel"])
+def test_the_fused_straight_through_path_equals_the_readable_one(make):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 5, generator=g) * 2
+    x[0, 0, :3] = torch.tensor([3.5, -4.0, 100.0])          # beyond the range, on a half step
+    upstream = torch.randn(6, 4, 5, generator=g)
+    fused, readable = make(STE()), make(ReadableSTE())
+    fused(x), readable(x)                                      # same initialisation
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = fused(xa), readable(xb)
+    assert torch.equal(ya, yb)
+    (ya * upstream).sum().backward()
+    (yb * upstream).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+    for pa, pb in zip(fused.parameters(), readable.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-6)

@@ -28,8 +28,8 @@ from torch import nn
 from .._checks import check_bits, check_bool
 from ..affine import QuantParams, qrange
 
-__all__ = ["Rounding", "STE", "Quantizer", "Exported", "enclosing_levels", "nearest_level", "round_ste",
-           "scale_gradient"]
+__all__ = ["Rounding", "STE", "Quantizer", "Exported", "clamp_round", "enclosing_levels", "nearest_level",
+           "round_ste", "scale_gradient"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +90,53 @@ class STE(Rounding):
 
     def round(self, u, u_q, levels):
         return u + (u_q - u).detach()
+
+
+class _ClampRoundSTE(torch.autograd.Function):
+    """``step * round(clamp(x / step, lo, hi))`` with the clipped straight-through gradient, fused.
+
+    The same values and gradients as autograd through ``STE()(torch.clamp(x / step, lo, hi)) * step``
+    (tests check it), in fewer passes over the tensor: ``d/dx = 1`` where ``lo <= x / step <= hi``
+    and 0 outside; ``d/d step`` is ``round(v) - v`` inside and the clamped value outside (``v = x /
+    step``), summed to the step's shape and multiplied by ``gradient_scale`` (LSQ's ``g``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, lo, hi, gradient_scale):
+        v = x / step
+        q = torch.clamp(v, lo, hi).round_()
+        ctx.save_for_backward(v, q, lo, hi)
+        ctx.step_shape, ctx.gradient_scale = step.shape, gradient_scale
+        return q * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, q, lo, hi = ctx.saved_tensors
+        inside = (v >= lo) & (v <= hi)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            local = grad * torch.where(inside, q - v, q)
+            summed = local.sum() if len(ctx.step_shape) == 0 else local.sum_to_size(ctx.step_shape)
+            grad_step = summed * ctx.gradient_scale
+        return grad_x, grad_step, None, None, None
+
+
+def clamp_round(x: torch.Tensor, step: torch.Tensor, lo, hi, rounding: Rounding,
+                gradient_scale: float = 1.0) -> torch.Tensor:
+    """``step * rounding(clamp(x / step, lo, hi))``: a uniform grid's fake quantization.
+
+    ``step``, ``lo`` and ``hi`` broadcast against ``x`` (per channel, or 0-d); the gradient reaching
+    ``step`` is multiplied by ``gradient_scale``. With the plain straight-through rounding this runs
+    as one fused autograd function; any other rounding (DSQ, DAQ, EWGS, or a subclass of
+    :class:`STE`) goes through autograd step by step, the readable form.
+    """
+    if type(rounding) is STE:
+        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+        return _ClampRoundSTE.apply(x, step, lo, hi, gradient_scale)
+    step = scale_gradient(step, gradient_scale) if gradient_scale != 1.0 else step
+    return rounding(torch.clamp(x / step, lo, hi)) * step
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import nn
 from .._checks import check_choice, check_float, check_int
 from ..affine import SCHEMES, QuantParams, scale_zero_point
 from ..observers import MinMaxObserver, MovingAverageObserver
-from .base import Quantizer, Rounding, round_ste, scale_gradient
+from .base import Quantizer, Rounding, clamp_round, round_ste, scale_gradient
 from .clip import mse_clip_range
 
 __all__ = ["RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "RANGE_MODES"]
@@ -71,8 +71,7 @@ class RangeFakeQuantizer(Quantizer):
         shape = _channel_shape(x, self.axis)
         scale, zero_point = scale.to(x.dtype).reshape(shape), zero_point.to(x.dtype).reshape(shape)
         qmin, qmax = self.code_range
-        u = torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)
-        return self.rounding(u) * scale
+        return clamp_round(x, scale, qmin - zero_point, qmax - zero_point, self.rounding)
 
     def qparams(self) -> QuantParams:
         if not self.observer.seen:
@@ -158,8 +157,8 @@ class LSQ(Quantizer):
 
     def fake_quantize(self, x):
         qn, qp = self.code_range
-        step = scale_gradient(self.positive_step(), self.gradient_scale(x)).reshape(_channel_shape(x, self.axis))
-        return self.rounding(torch.clamp(x / step, qn, qp)) * step
+        step = self.positive_step().reshape(_channel_shape(x, self.axis))
+        return clamp_round(x, step, qn, qp, self.rounding, self.gradient_scale(x))
 
     def qparams(self) -> QuantParams:
         self._require_initialized()
