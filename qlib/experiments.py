@@ -102,8 +102,14 @@ class Comparison:
     confidence: float = 0.95
 
     def describe(self, digits: int = 2) -> str:
-        """``"+1.23 points [0.45, 2.01]"``: the difference with its interval."""
+        """``"+1.23 points [+0.45, +2.01]"``: the difference with its interval."""
         return f"{self.difference:+.{digits}f} points [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
+    def choose(self, better: str, worse: str, inconclusive: str) -> str:
+        """The sentence for this verdict (``{d}`` in it becomes :meth:`describe`): prose chosen by the
+        measurement, never asserted."""
+        text = {"better": better, "worse": worse, "inconclusive": inconclusive}[self.verdict]
+        return text.replace("{d}", self.describe())
 
 
 def _verdict(low: float, high: float) -> str:
@@ -356,6 +362,10 @@ def _execute(run, dataset, device, progress):
     return result, model
 
 
+def _describe_filter(filters: dict) -> str:
+    return ", ".join(str(v) for v in filters.values())
+
+
 def run_path(run: Run) -> "os.PathLike":
     """Where a run's result and weights are cached."""
     return cache_dir() / "runs" / f"{run.key()}.pt"
@@ -430,6 +440,24 @@ class Results:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"{filters} matches several runs per seed; narrow it down")
         return np.stack([np.asarray(res[f"{split}_correct"]) for _, res in chosen])
+
+    def summary(self, by=("label", "bits"), digits: int = 2) -> pd.DataFrame:
+        """Mean ± std over seeds per group: float, start (after calibration), final validation and test
+        accuracy, and the test error ratio against the float network."""
+        table = self.table()
+        return summarise(table, list(by), {"float_test": "float (%)", "start_test": "start (%)",
+                                           "val": "final val (%)", "test": "final test (%)"},
+                         ratio="test", reference="float_test", digits=digits)
+
+    def comparisons(self, pairs, split: str = "test", confidence: float = 0.95) -> pd.DataFrame:
+        """A table of paired comparisons: ``pairs`` of ``(method filter, baseline filter)`` dicts."""
+        rows = []
+        for method, baseline in pairs:
+            c = self.compare(method, baseline, split, confidence)
+            rows.append({"method": _describe_filter(method), "against": _describe_filter(baseline),
+                         "difference (points)": f"{c.difference:+.2f}", f"{int(100 * confidence)} % interval":
+                         f"[{c.low:+.2f}, {c.high:+.2f}]", "verdict": c.verdict})
+        return pd.DataFrame(rows)
 
     def compare(self, method: dict, baseline: dict, split: str = "test", confidence: float = 0.95) -> Comparison:
         """``method`` against ``baseline`` (two filters, e.g. ``{"label": "LSQ+"}``), paired by seed and

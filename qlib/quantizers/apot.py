@@ -24,7 +24,8 @@ from ..affine import QuantParams
 from .base import Exported, Quantizer, Rounding, enclosing_levels, nearest_level
 from .clip import least_squares_fraction
 
-__all__ = ["APoT", "apot_levels", "pot_levels", "uniform_levels", "grid_codes", "local_gap", "APOT_BITS", "GRIDS"]
+__all__ = ["APoT", "apot_levels", "pot_levels", "uniform_levels", "zero_free_levels", "grid_codes", "local_gap",
+           "APOT_BITS", "GRIDS"]
 
 #: Bit widths with an APoT construction (``grid(B)`` for ``B`` = 1 to 4).
 APOT_BITS = (1, 2, 3, 4)
@@ -103,8 +104,15 @@ def uniform_levels(bits: int, signed: bool = False) -> torch.Tensor:
     return torch.arange(2**bits, dtype=torch.float64) / (2**bits - 1)
 
 
-GRIDS = ("apot", "pot", "uniform")
-_LEVEL_SETS = {"apot": apot_levels, "pot": pot_levels, "uniform": uniform_levels}
+def zero_free_levels(bits: int, signed: bool = True) -> torch.Tensor:
+    """APoT's signed levels without 0 (``2^bits - 2`` levels): a control for chapter 8's question whether
+    EWGS's trouble on APoT comes from the zero level. Unsigned level sets keep 0 (ReLU outputs need it)."""
+    levels = apot_levels(bits, signed)
+    return levels[levels != 0] if check_bool(signed, "signed") else levels
+
+
+GRIDS = ("apot", "pot", "uniform", "apot-nozero")
+_LEVEL_SETS = {"apot": apot_levels, "pot": pot_levels, "uniform": uniform_levels, "apot-nozero": zero_free_levels}
 
 
 def local_gap(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -192,8 +200,11 @@ class APoT(Quantizer):
     def code_table(self) -> torch.Tensor:
         """The integer code of every level, ascending: ``level_set * code_max`` (:func:`grid_codes`)."""
         magnitude_bits = self.bits - 1 if self.signed else self.bits
-        if self.grid == "apot":
+        if self.grid in ("apot", "apot-nozero"):
             table = grid_codes(magnitude_bits)[0]
+            if self.grid == "apot-nozero" and self.signed:
+                table = table[1:]
+                return torch.cat([-table.flip(0), table])
         elif self.grid == "pot":
             table = torch.tensor([0] + [2**k for k in range(2**magnitude_bits - 1)], dtype=torch.int64)
         else:  # uniform: 0, 1, ..., the largest magnitude (2^b - 1 unsigned, 2^(b-1) - 1 signed)
@@ -213,7 +224,7 @@ class APoT(Quantizer):
         code_max = int(table.max())
         scale = self.positive_alpha().detach().double().cpu() * self._statistics(x)[1].double().cpu() / code_max
         return Exported(table[index.cpu()], scale, torch.zeros((), dtype=torch.int64), int(table.min()), code_max,
-                        None, self.grid)
+                        None, "apot" if self.grid == "apot-nozero" else self.grid)
 
     def qparams(self):
         self._require_initialized()

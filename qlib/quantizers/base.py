@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_bits, check_bool
+from .._checks import check_bits, check_bool, check_float
 from ..affine import QuantParams, qrange
 
 __all__ = ["Rounding", "STE", "Quantizer", "Exported", "clamp_round", "enclosing_levels", "nearest_level",
@@ -86,10 +86,23 @@ class Rounding(nn.Module, abc.ABC):
 
 
 class STE(Rounding):
-    """The straight-through estimator (Bengio et al. 2013): the backward pass treats rounding as the identity."""
+    """The straight-through estimator (Bengio et al. 2013): the backward pass treats rounding as the identity.
+
+    ``scale`` multiplies that gradient (1 by default): ``STE(0.5)`` is a control for chapter 7, a
+    rounding gradient that is the STE's, uniformly smaller.
+    """
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = check_float(scale, "scale", 0.0)
 
     def round(self, u, u_q, levels):
-        return u + (u_q - u).detach()
+        if self.scale == 1.0:
+            return u + (u_q - u).detach()
+        return u * self.scale + (u_q - u * self.scale).detach()
+
+    def extra_repr(self):
+        return "" if self.scale == 1.0 else f"scale={self.scale}"
 
 
 class _ClampRoundSTE(torch.autograd.Function):
@@ -131,7 +144,7 @@ def clamp_round(x: torch.Tensor, step: torch.Tensor, lo, hi, rounding: Rounding,
     as one fused autograd function; any other rounding (DSQ, DAQ, EWGS, or a subclass of
     :class:`STE`) goes through autograd step by step, the readable form.
     """
-    if type(rounding) is STE:
+    if type(rounding) is STE and rounding.scale == 1.0:
         lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
         hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
         return _ClampRoundSTE.apply(x, step, lo, hi, gradient_scale)

@@ -16,10 +16,12 @@ Grids (:data:`GRIDS`), for weights (signed) and activations:
 * ``"lsq"``: a learned step (weights per channel); ``"lsq+"``: activations with a learned step
   and offset (weights get LSQ);
 * ``"apot"``, ``"pot"``, ``"apot-uniform"``: the level sets of chapter 8 with a learned clip
-  (weights per tensor); bit widths or signed inputs a level set does not cover get LSQ.
+  (weights per tensor); bit widths or signed inputs a level set does not cover get LSQ;
+  ``"apot-nozero"``: APoT with the zero level removed from the weights (a control).
 
-Roundings (:data:`ROUNDINGS`): ``"ste"`` (the default), ``"dsq"``, ``"daq"`` (``sigma`` 1 for
-weights and 2 for activations, as in the paper's code), ``"ewgs"``.
+Roundings (:data:`ROUNDINGS`): ``"ste"`` (the default), ``"ste-half"`` (the STE's gradient halved:
+a control), ``"dsq"``, ``"daq"`` (``sigma`` 1 for weights and 2 for activations, as in the paper's
+code), ``"ewgs"``, ``"ewgs-gap"`` and ``"ewgs-bound"`` (EWGS with chapter 8's two fixes).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _lsq_weight(bits, per_channel, rounding):
     return LSQ(bits, signed=True, axis=_axis(per_channel), rounding=rounding)
 
 
-def _apot(grid):
+def _apot(grid, act_grid=None):
     def weight(bits, per_channel, rounding):
         if bits - 1 not in APOT_BITS:
             return _lsq_weight(bits, per_channel, rounding)
@@ -69,7 +71,7 @@ def _apot(grid):
     def act(bits, signed, rounding):
         if signed or bits not in APOT_BITS:
             return LSQ(bits, signed=signed, rounding=rounding)
-        return APoT(bits, signed=False, grid=grid, rounding=rounding)
+        return APoT(bits, signed=False, grid=act_grid or grid, rounding=rounding)
 
     return Grid(weight, act)
 
@@ -86,14 +88,18 @@ GRIDS: dict[str, Grid] = {
     "apot": _apot("apot"),
     "pot": _apot("pot"),
     "apot-uniform": _apot("uniform"),
+    "apot-nozero": _apot("apot-nozero", act_grid="apot"),
 }
 
 #: The rounding gradients by name: ``(role) -> Rounding``.
 ROUNDINGS: dict[str, Callable[[str], Rounding]] = {
     "ste": lambda role: STE(),
+    "ste-half": lambda role: STE(0.5),
     "dsq": lambda role: DSQ(),
     "daq": lambda role: DAQ(sigma=1.0 if role == "weight" else 2.0),
     "ewgs": lambda role: EWGS(),
+    "ewgs-gap": lambda role: EWGS(fix="gap"),
+    "ewgs-bound": lambda role: EWGS(fix="bound"),
 }
 
 
