@@ -28,6 +28,7 @@ reports.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._cache import cache_dir, code_fingerprint
 from ._checks import check_choice, check_int
 
 __all__ = ["Dataset", "iterate_batches", "load_mnist5k", "load_digits", "load_mnist1d", "read_cifar10_file",
@@ -231,7 +233,8 @@ def load_mnist1d(n_train: int = 4000, n_test: int = 10_000, n_val: int = 2000, s
     4,000 for the defaults), the other 1,000 begin the test set, which sequences drawn with
     ``seed + 1`` extend to ``n_test``; ``n_val`` sequences drawn with ``seed + 2`` validate. All
     counts must be multiples of 10 (the generator draws the same number of sequences for every
-    digit). Python's and numpy's global random states are restored afterwards.
+    digit). Python's and numpy's global random states are restored afterwards. The generated
+    sequences are cached (:func:`qlib.train.cache_dir`).
     """
     n_train = check_int(n_train, "n_train", 10)
     n_test = check_int(n_test, "n_test", 10)
@@ -239,6 +242,20 @@ def load_mnist1d(n_train: int = 4000, n_test: int = 10_000, n_val: int = 2000, s
     seed = check_int(seed, "seed", 0)
     if n_train % 10 or n_test % 10 or n_val % 10:
         raise ValueError(f"n_train, n_test and n_val must be multiples of 10, got {n_train}, {n_test} and {n_val}")
+    # generating 17,000 sequences takes seconds of Python: keep them, keyed by the arguments and this code
+    key = hashlib.sha256(f"{n_train}-{n_test}-{n_val}-{seed}-{code_fingerprint(['data.py'])}".encode()).hexdigest()
+    path = cache_dir() / "data" / f"mnist1d-{key[:16]}.pt"
+    if path.exists():
+        return Dataset(**torch.load(path, weights_only=True))
+    dataset = _generate_mnist1d(n_train, n_test, n_val, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save(dataclasses.asdict(dataset), tmp)
+    os.replace(tmp.name, path)
+    return dataset
+
+
+def _generate_mnist1d(n_train, n_test, n_val, seed) -> Dataset:
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
         x, y = _mnist1d_draw(n_train + 1000, seed)

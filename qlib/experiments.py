@@ -317,9 +317,10 @@ def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progr
 def _execute(run, dataset, device, progress):
     recipe = run.recipe
     float_model, model, dataset = prepared_model(run, dataset)
+    start_correct = {split: correct(model, dataset, split) for split in ("val", "test")}
     result = {"run": run.spec(), "label": run.name,
               "float_val": evaluate(float_model, dataset, "val"), "float_test": evaluate(float_model, dataset),
-              "start_val": evaluate(model, dataset, "val"), "start_test": evaluate(model, dataset)}
+              "start_val": _percent(start_correct["val"]), "start_test": _percent(start_correct["test"])}
     history, seconds, log = [], 0.0, []
     if not run.ptq:
         config = recipe.train_config()
@@ -353,17 +354,23 @@ def _execute(run, dataset, device, progress):
             schedule.close(model)
             log = schedule.log
         model.cpu()
+    final = start_correct if run.ptq else {split: correct(model, dataset, split) for split in ("val", "test")}
     result.update({
         "history": [{"epoch": h["epoch"], "loss": h["loss"], "val_acc": h["val_acc"],
                      "step_losses": h["step_losses"]} for h in history],
-        "val": evaluate(model, dataset, "val"), "test": evaluate(model, dataset),
-        "val_correct": correct(model, dataset, "val"), "test_correct": correct(model, dataset),
-        "seconds": seconds, "ewgs_log": log})
+        "val": _percent(final["val"]), "test": _percent(final["test"]),
+        "val_correct": final["val"], "test_correct": final["test"], "seconds": seconds, "ewgs_log": log})
     return result, model
 
 
+def _percent(correct_examples: torch.Tensor) -> float:
+    return 100.0 * float(correct_examples.double().mean())
+
+
 def _describe_filter(filters: dict) -> str:
-    return ", ".join(str(v) for v in filters.values())
+    parts = [f"W{v}" if k == "bits" else f"W{v}A{v}" if k == "act_bits" else f"seed {v}" if k == "seed" else str(v)
+             for k, v in filters.items()]
+    return ", ".join(parts)
 
 
 def run_path(run: Run) -> "os.PathLike":
@@ -477,6 +484,28 @@ def default_workers(device: str = "cpu") -> int:
     return min(2, os.cpu_count() or 1) if device == "cpu" else 1
 
 
+_POOL = {"key": None, "pool": None}
+
+
+def _pool(workers: int):
+    """A pool of worker processes kept for the session (starting one costs seconds: torch, qlib and the
+    data load in every worker), made anew when the worker count or the cache folder changes."""
+    import atexit
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = (workers, str(cache_dir()))
+    if _POOL["key"] != key or _POOL["pool"] is None or getattr(_POOL["pool"], "_broken", False):
+        if _POOL["pool"] is not None:
+            _POOL["pool"].shutdown()
+        else:
+            atexit.register(lambda: _POOL["pool"] is not None and _POOL["pool"].shutdown())
+        _POOL["pool"] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_setup, initargs=(key[1],))
+        _POOL["key"] = key
+    return _POOL["pool"]
+
+
 def _worker_setup(cache):
     os.environ["QLIB_CACHE_DIR"], os.environ["QLIB_PROGRESS"] = cache, "0"
     torch.set_num_threads(1)
@@ -510,19 +539,15 @@ def run_grid(runs, dataset: Dataset | None = None, device: str = "cpu", progress
 
     missing = list(dict.fromkeys(r for r in runs if not run_path(r).exists()))
     if missing and workers > 1 and dataset is None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         floats = list(dict.fromkeys((r.network, r.seed, r.model_kwargs) for r in missing
                                     if not pretrained_path(r.network, r.seed, model_kwargs=dict(r.model_kwargs))[0]
                                     .exists()))
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_setup, initargs=(str(cache_dir()),)) as pool:
-            for future in [pool.submit(_pretrain_in_worker, *f) for f in floats]:
-                future.result()
-            futures = [pool.submit(_run_in_worker, r, device) for r in missing]
-            for future in tqdm(futures, desc="runs", disable=not progress, unit="run"):
-                future.result()
+        pool = _pool(workers)
+        for future in [pool.submit(_pretrain_in_worker, *f) for f in floats]:
+            future.result()
+        futures = [pool.submit(_run_in_worker, r, device) for r in missing]
+        for future in tqdm(futures, desc="runs", disable=not progress, unit="run"):
+            future.result()
     results = [cached_run(run, dataset, device) for run in
                tqdm(runs, desc="runs", disable=not progress or (workers > 1 and dataset is None), unit="run")]
     return Results(runs, results)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._cache import cache_dir, code_fingerprint
 from ._checks import check_choice, check_float, check_int
 from .data import Dataset, load, random_crop_flip
 from .models import build_model
@@ -253,29 +254,9 @@ def load_checkpoint(path, model: nn.Module) -> dict:
     return payload["meta"]
 
 
-def cache_dir() -> Path:
-    """Where trained networks are cached: ``$QLIB_CACHE_DIR`` or ``~/.cache/qlib``."""
-    return Path(os.environ.get("QLIB_CACHE_DIR") or Path.home() / ".cache" / "qlib")
-
-
 def _cache_key(spec: dict) -> str:
     text = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def code_fingerprint(files=None) -> str:
-    """A hash of qlib's source files (``files``: paths relative to the package; default every module
-    but :mod:`qlib.plots`), so that a cached result is reused only by the code that computed it."""
-    package = Path(__file__).resolve().parent
-    if files is None:
-        paths = sorted(p for p in package.rglob("*.py") if p.name != "plots.py")
-    else:
-        paths = sorted(package / f for f in files)
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 #: The modules a float network's training depends on (their source is part of its cache key).
