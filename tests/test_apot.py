@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qlib import qat
-from qlib.quantizers import EWGS, APoT, LSQ, apot_levels, grid_codes, local_gap, nearest_level, pot_levels, uniform_levels
+from qlib.quantizers import (EWGS, APoT, LSQ, apot_levels, grid_codes, local_gap, make_quantizer, nearest_level,
+                             pot_levels, uniform_levels, zero_free_levels)
 
 
 def as_list(t):
@@ -25,6 +26,23 @@ def test_enumerated_level_sets():
     for bits in (2, 3, 4):
         assert len(apot_levels(bits, signed=False)) == 2**bits
         assert len(apot_levels(bits + 1, signed=True)) == 2 ** (bits + 1) - 1
+
+
+def test_zero_free_levels_drop_only_the_zero_weight_level():
+    assert as_list(zero_free_levels(3, signed=True)) == [-1, -.5, -.25, .25, .5, 1]
+    for bits in (2, 3, 4):
+        levels = zero_free_levels(bits, signed=True)
+        assert len(levels) == 2**bits - 2 and not (levels == 0).any()
+        assert torch.equal(levels, apot_levels(bits, signed=True)[apot_levels(bits, signed=True) != 0])
+        assert torch.equal(zero_free_levels(bits, signed=False), apot_levels(bits, signed=False))  # ReLU needs 0
+    weight_q = make_quantizer("apot-nozero", 4, "weight")
+    w = torch.randn(8, 3, 5) * 0.1
+    w[0, 0, 0] = 0.0
+    out = weight_q(w)
+    assert not (out == 0).any()                                  # even an exact zero goes to a nonzero level
+    act_q = make_quantizer("apot-nozero", 4, "act", signed=False)
+    x = torch.relu(torch.randn(256))
+    assert torch.equal(act_q(x)[x == 0], x[x == 0])             # activations keep their zero level
 
 
 def test_grid_codes_are_sums_of_at_most_n_powers_of_two():

@@ -64,6 +64,22 @@ def test_mnist1d_leaves_global_random_state_alone():
     assert np.random.rand() == expected
 
 
+def test_mnist1d_is_cached_and_the_cached_copy_equals_a_fresh_draw(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path))
+    first = data.load_mnist1d(n_train=100, n_test=50, n_val=20)
+    files = list((tmp_path / "data").glob("mnist1d-*.pt"))
+    assert len(files) == 1
+    again = data.load_mnist1d(n_train=100, n_test=50, n_val=20)          # from the cache
+    fresh = data._generate_mnist1d(100, 50, 20, 42)
+    for split in ("train", "val", "test"):
+        for part in ("x", "y"):
+            name = f"{part}_{split}"
+            assert torch.equal(getattr(again, name), getattr(first, name))
+            assert torch.equal(getattr(fresh, name), getattr(first, name))
+    data.load_mnist1d(n_train=100, n_test=60, n_val=20)                   # other arguments, other file
+    assert len(list((tmp_path / "data").glob("mnist1d-*.pt"))) == 2
+
+
 def test_batches_cover_everything_once():
     d = data.load_digits()
     seen = torch.cat([y for _, y in d.train_batches(100, torch.Generator().manual_seed(0))])
