@@ -50,8 +50,8 @@ def error_ratio(accuracy, reference) -> np.ndarray:
     return (100 - accuracy) / (100 - reference)
 
 
-def summarise(results: pd.DataFrame, by, columns: dict[str, str], ratio: str | dict[str, str] | None = None,
-              reference: str = "float", digits: int = 2) -> pd.DataFrame:
+def summarise(results, by, columns: dict[str, str], ratio: str | dict[str, str] | None = None,
+              reference: str = "float", digits: int = 2):
     """Mean ± std of ``columns`` per group of ``by``, in the groups' order of appearance.
 
     ``columns`` maps a column of ``results`` to its heading in the summary; ``ratio``, if given, adds
@@ -373,7 +373,7 @@ def _describe_filter(filters: dict) -> str:
     return ", ".join(parts)
 
 
-def run_path(run: Run) -> "os.PathLike":
+def run_path(run: Run):
     """Where a run's result and weights are cached."""
     return cache_dir() / "runs" / f"{run.key()}.pt"
 
@@ -416,7 +416,7 @@ class Results:
     def __init__(self, runs: list[Run], results: list[dict]):
         self.runs, self.results = list(runs), list(results)
 
-    def table(self) -> pd.DataFrame:
+    def table(self):
         """One row per run: label, network, bits, seed and the scalar measurements."""
         rows = []
         for run, result in zip(self.runs, self.results):
@@ -448,7 +448,7 @@ class Results:
             raise ValueError(f"{filters} matches several runs per seed; narrow it down")
         return np.stack([np.asarray(res[f"{split}_correct"]) for _, res in chosen])
 
-    def summary(self, by=("label", "bits"), digits: int = 2) -> pd.DataFrame:
+    def summary(self, by=("label", "bits"), digits: int = 2):
         """Mean ± std over seeds per group: float, start (after calibration), final validation and test
         accuracy, and the test error ratio against the float network."""
         table = self.table()
@@ -456,7 +456,7 @@ class Results:
                                            "val": "final val (%)", "test": "final test (%)"},
                          ratio="test", reference="float_test", digits=digits)
 
-    def comparisons(self, pairs, split: str = "test", confidence: float = 0.95) -> pd.DataFrame:
+    def comparisons(self, pairs, split: str = "test", confidence: float = 0.95):
         """A table of paired comparisons: ``pairs`` of ``(method filter, baseline filter)`` dicts."""
         rows = []
         for method, baseline in pairs:

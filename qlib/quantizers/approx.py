@@ -6,11 +6,11 @@ smooth function that hugs the staircase. Both work inside one interval between t
 levels ``l < h``, with ``d = (u - l) / (h - l)`` in ``[0, 1]`` (on a uniform grid in steps,
 ``l = floor(u)`` and ``d`` is the fractional part), so they apply to any grid:
 
-* :func:`dsq_round` (Gong et al. 2019): ``phi(d) = s tanh(k (d - 1/2))`` with ``s = 1 / (1 - alpha)``
+* :func:`qlib.quantizers.dsq_round` (Gong et al. 2019): ``phi(d) = s tanh(k (d - 1/2))`` with ``s = 1 / (1 - alpha)``
   and ``k = log(2 / alpha - 1)``, so that ``phi = +-1`` at the interval's ends; the soft staircase
   is ``l + (h - l) (1 + phi) / 2``, steepest mid-interval. ``alpha`` in ``(0, 1)`` is learned:
   small ``alpha``, sharp steps.
-* :func:`daq_soft_round` (Kim, Lee and Ham 2021): a soft-argmax over the two neighbouring levels
+* :func:`qlib.quantizers.daq_soft_round` (Kim, Lee and Ham 2021): a soft-argmax over the two neighbouring levels
   with a temperature controller ``T_eff = T / |s_0 - s_1|`` (detached) and levels shifted by
   ``1 / (e^T - 1)``, which make the soft output *equal* to hard rounding while its gradient is a
   bump that peaks at the rounding boundary.

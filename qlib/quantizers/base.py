@@ -12,7 +12,7 @@ they are independent:
   method's (the straight-through estimator, DSQ, DAQ, EWGS).
 
 So ``LSQ(4, rounding=EWGS())`` or ``APoT(2, rounding=EWGS())`` is one line. Every grid exports
-the same way (:meth:`Quantizer.export`): integer codes and the scale and zero-point that map them
+the same way (:meth:`qlib.quantizers.Quantizer.export`): integer codes and the scale and zero-point that map them
 back, for the integer engine and the shift-add layer alike.
 """
 

@@ -12,7 +12,7 @@ the gradient shrinks, and the other way round. ``delta >= 0`` sets the strength:
 
 The paper sets ``delta`` from the curvature: ``delta = (Tr(H) / N) / G``, with ``H`` the Hessian of
 the loss with respect to the discretizer's output (``N`` elements) and ``G = 3 std(g)`` a typical
-gradient size. :func:`estimate_ewgs_deltas` estimates it with Hutchinson's method
+gradient size. :func:`qlib.quantizers.estimate_ewgs_deltas` estimates it with Hutchinson's method
 (:mod:`qlib.hessian`), separately for the weights and the activations of each layer;
 :class:`EWGSSchedule` re-estimates it during training and keeps a log.
 

@@ -4,7 +4,7 @@
 ``"lsq"`` is LSQ's grid with the straight-through estimator; ``"lsq++daq"`` is LSQ+'s grid with
 DAQ's. :func:`qlib.qat.prepare` takes these names. A new grid or rounding is one entry here.
 
-Grids (:data:`GRIDS`), for weights (signed) and activations:
+Grids (``GRIDS``), for weights (signed) and activations:
 
 * ``"minmax"``: observed ranges with the straight-through estimator: weights per channel,
   symmetric, narrow range (the min and max of the current weights); activations asymmetric,
@@ -19,7 +19,7 @@ Grids (:data:`GRIDS`), for weights (signed) and activations:
   (weights per tensor); bit widths or signed inputs a level set does not cover get LSQ;
   ``"apot-nozero"``: APoT with the zero level removed from the weights (a control).
 
-Roundings (:data:`ROUNDINGS`): ``"ste"`` (the default), ``"ste-half"`` (the STE's gradient halved:
+Roundings (``ROUNDINGS``): ``"ste"`` (the default), ``"ste-half"`` (the STE's gradient halved:
 a control), ``"dsq"``, ``"daq"`` (``sigma`` 1 for weights and 2 for activations, as in the paper's
 code), ``"ewgs"``, ``"ewgs-gap"`` and ``"ewgs-bound"`` (EWGS with chapter 8's two fixes).
 """
