@@ -39,7 +39,7 @@ from .train import (RECIPES, TrainConfig, cache_dir, code_fingerprint, correct, 
 
 __all__ = ["summarise", "error_ratio", "Comparison", "paired_t", "paired_difference", "VERDICTS", "QATRecipe", "Run",
            "Results", "run_grid", "grid", "execute", "cached_run", "trained_model", "prepared_model", "run_path",
-           "default_workers", "running_data"]
+           "default_workers", "running_data", "pretrain"]
 
 
 def error_ratio(accuracy, reference) -> np.ndarray:
@@ -367,10 +367,12 @@ def _percent(correct_examples: torch.Tensor) -> float:
     return 100.0 * float(correct_examples.double().mean())
 
 
+_FILTER_LABELS = {"bits": "W{}", "act_bits": "A{}", "seed": "seed {}", "first_last_bits": "first/last {} bits"}
+
+
 def _describe_filter(filters: dict) -> str:
-    parts = [f"W{v}" if k == "bits" else f"W{v}A{v}" if k == "act_bits" else f"seed {v}" if k == "seed" else str(v)
-             for k, v in filters.items()]
-    return ", ".join(parts)
+    """A filter as a table cell: ``{"label": "LSQ", "bits": 2, "act_bits": 4}`` -> ``LSQ, W2, A4``."""
+    return ", ".join(_FILTER_LABELS.get(k, "{}").format(v) for k, v in filters.items())
 
 
 def run_path(run: Run):
@@ -539,18 +541,45 @@ def run_grid(runs, dataset: Dataset | None = None, device: str = "cpu", progress
 
     missing = list(dict.fromkeys(r for r in runs if not run_path(r).exists()))
     if missing and workers > 1 and dataset is None:
-        floats = list(dict.fromkeys((r.network, r.seed, r.model_kwargs) for r in missing
-                                    if not pretrained_path(r.network, r.seed, model_kwargs=dict(r.model_kwargs))[0]
-                                    .exists()))
+        _pretrain_missing([(r.network, r.seed, r.model_kwargs) for r in missing], workers)
         pool = _pool(workers)
-        for future in [pool.submit(_pretrain_in_worker, *f) for f in floats]:
-            future.result()
         futures = [pool.submit(_run_in_worker, r, device) for r in missing]
         for future in tqdm(futures, desc="runs", disable=not progress, unit="run"):
             future.result()
     results = [cached_run(run, dataset, device) for run in
                tqdm(runs, desc="runs", disable=not progress or (workers > 1 and dataset is None), unit="run")]
     return Results(runs, results)
+
+
+def _pretrain_missing(floats, workers: int):
+    """Train the float networks ``(network, seed, model_kwargs)`` not yet cached, in the pool."""
+    floats = [f for f in dict.fromkeys(floats) if not pretrained_path(f[0], f[1], model_kwargs=dict(f[2]))[0].exists()]
+    if floats:
+        pool = _pool(workers)
+        for future in [pool.submit(_pretrain_in_worker, *f) for f in floats]:
+            future.result()
+
+
+def pretrain(networks, seeds, model_kwargs: dict | None = None, workers: int | None = None) -> None:
+    """Train the float running-example networks for every network x seed that is not cached yet, in
+    ``workers`` processes side by side (default :func:`default_workers`); afterwards
+    :func:`qlib.train.pretrained` loads each from the cache. The same weights as training them one
+    by one with :func:`qlib.train.pretrained` (each trains on one thread, seeded)."""
+    networks = [networks] if isinstance(networks, str) else list(networks)
+    for network in networks:
+        if network not in RECIPES:
+            raise ValueError(f"networks must be names in {sorted(RECIPES)}, got {network!r}")
+    seeds = [check_int(s, "seeds", 0) for s in ([seeds] if isinstance(seeds, int) else seeds)]
+    if not networks or not seeds:
+        raise ValueError("networks and seeds must not be empty")
+    kwargs = tuple(sorted(dict(model_kwargs or {}).items()))
+    workers = default_workers() if workers is None else check_int(workers, "workers", 1)
+    floats = [(n, s, kwargs) for n in networks for s in seeds]
+    if workers > 1:
+        _pretrain_missing(floats, workers)
+    else:
+        for network, seed, kw in floats:
+            _pretrain_in_worker(network, seed, kw)
 
 
 def grid(network: str, methods: dict, bits, seeds, recipe: QATRecipe = QATRecipe(), **fields) -> list[Run]:

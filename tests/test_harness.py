@@ -106,6 +106,15 @@ def test_grid_and_paired_comparison(tiny):
     assert comparison.verdict in experiments.VERDICTS
     with pytest.raises(ValueError, match="no run matches"):
         results.correct(label="DSQ")
+    table = results.comparisons([({"label": "LSQ", "bits": 3}, {"label": "minmax"})])
+    assert list(table["method"]) == ["LSQ, W3"] and list(table["against"]) == ["minmax"]
+    assert table["verdict"][0] == comparison.verdict
+
+
+def test_comparison_tables_name_each_filter_field():
+    describe = experiments._describe_filter
+    assert describe({"label": "LSQ", "bits": 2, "act_bits": 4}) == "LSQ, W2, A4"
+    assert describe({"seed": 3, "first_last_bits": 8}) == "seed 3, first/last 8 bits"
 
 
 def test_runs_refuse_what_they_cannot_be():
@@ -139,8 +148,23 @@ def test_runs_in_worker_processes_give_what_they_give_here(tmp_path, monkeypatch
     recipe = QATRecipe(epochs=1, batch_size=256, calibration_images=100)
     runs = [Run("mnist1d_cnn", "lsq", bits=4, seed=s, recipe=recipe) for s in (0, 1)]
     monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "workers"))
+    experiments.pretrain("mnist1d_cnn", [0, 1], workers=2)
+    assert all(train.pretrained_path("mnist1d_cnn", s)[0].exists() for s in (0, 1))
+    floats_parallel = [train.pretrained("mnist1d_cnn", s)[0].state_dict() for s in (0, 1)]
     parallel = run_grid(runs, progress=False, workers=2)
     monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "here"))
     here = run_grid(runs, progress=False, workers=1)
     for a, b in zip(parallel.results, here.results):
         assert torch.equal(a["test_correct"], b["test_correct"]) and a["test"] == b["test"]
+    for seed, weights in zip((0, 1), floats_parallel):
+        mine = train.pretrained("mnist1d_cnn", seed)[0].state_dict()
+        assert all(torch.equal(weights[k], mine[k]) for k in mine)
+
+
+def test_pretrain_refuses_unknown_networks_and_empty_lists():
+    with pytest.raises(ValueError, match="networks must be names"):
+        experiments.pretrain("vgg", [0])
+    with pytest.raises(ValueError, match="must not be empty"):
+        experiments.pretrain("mnist1d_cnn", [])
+    with pytest.raises(ValueError, match="seeds"):
+        experiments.pretrain("mnist1d_cnn", [-1])

@@ -108,6 +108,22 @@ def test_capture_calibrate_and_fake_quantize_outputs():
     assert torch.allclose(dynamic, quantized)  # the calibration data was this very batch
 
 
+def test_per_example_dynamic_ranges_equal_running_examples_one_by_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)).eval()
+    x = torch.randn(9, 1, 8) * torch.logspace(-2, 1, 9).reshape(-1, 1, 1)  # very different ranges
+    x[4] = -1.0  # an example whose ReLU output is all zeros
+    with ob.fake_quantize_outputs(model, {"1": ob.dynamic_qparams(3)}):
+        one_by_one = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        per_tensor = model(x)
+    with ob.fake_quantize_outputs(model, {"1": ob.dynamic_qparams(3, per_example=True)}):
+        batched = model(x)
+    assert torch.allclose(batched, one_by_one, atol=1e-6)
+    assert not torch.allclose(per_tensor, one_by_one, atol=1e-3)  # one range for the batch differs
+    with pytest.raises(TypeError, match="per_example"):
+        ob.dynamic_qparams(3, per_example=1)
+
+
 def test_fake_quantize_weights_per_channel_and_per_tensor():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3, 2))
     with torch.no_grad():
