@@ -5,6 +5,8 @@
   efficient network is the meaningful test: there is little redundancy to hide the
   error in.
 * :class:`Mnist1DCNN` - a small 1-D CNN for MNIST-1D sequences (length 40).
+* :class:`Mnist1DResNet` - a small residual 1-D CNN for the same data: the running example for
+  residual adds in integers and for block-wise reconstruction (chapter 9).
 * :func:`resnet20` - the CIFAR-style ResNet-20 of He et al. (2016) (0.27M parameters),
   the network of the ``full`` setting and of most papers' CIFAR-10 tables.
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from ._checks import check_int
 
-__all__ = ["conv_bn_relu", "MnistCNN", "Mnist1DCNN", "BasicBlock", "ResNetCifar", "resnet20", "build_model",
+__all__ = ["conv_bn_relu", "MnistCNN", "Mnist1DCNN", "Mnist1DResNet", "BasicBlock", "ResNetCifar", "resnet20", "build_model",
            "count_parameters", "MODELS"]
 
 
@@ -86,24 +88,61 @@ class Mnist1DCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv-BN, a shortcut (1x1 conv-BN when the shape changes), add, ReLU."""
+    """ResNet basic block: two 3x3 conv-BN, a shortcut (1x1 conv-BN when the shape changes), add, ReLU.
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    ``dims=1`` builds the same block from ``Conv1d``/``BatchNorm1d`` (kernel 3) for sequences.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dims: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        if dims not in (1, 2):
+            raise ValueError(f"dims must be 1 or 2, got {dims!r}")
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
         self.relu2 = nn.ReLU()
 
     def forward(self, x):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
+
+
+class Mnist1DResNet(nn.Module):
+    """A small residual 1-D CNN for ``(N, 1, 40)`` MNIST-1D sequences, about 14k parameters.
+
+    A stem convolution (kernel 5), ``len(strides)`` basic blocks (:class:`BasicBlock`, ``dims=1``),
+    then a linear layer on the flattened positions. With the default strides ``(1, 2, 2)`` the
+    first block adds its input unchanged (identity shortcut) and the others through a strided 1x1
+    convolution, so both kinds of residual add occur::
+
+        40 x 1 -> 40 x width (stem) -> 40 -> 20 -> 10 positions x width -> 10
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 24, strides: tuple[int, ...] = (1, 2, 2),
+                 length: int = 40):
+        super().__init__()
+        width = check_int(width, "width", 1)
+        length = check_int(length, "length", 8)
+        strides = tuple(check_int(s, "strides[i]", 1) for s in strides)
+        if not strides:
+            raise ValueError("strides needs at least one entry (one block)")
+        self.stem = conv_bn_relu(1, width, 5, dims=1)
+        self.blocks = nn.Sequential(*[BasicBlock(width, width, s, dims=1) for s in strides])
+        out_length = length
+        for s in strides:
+            out_length = (out_length - 1) // s + 1
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(width * out_length, check_int(num_classes, "num_classes", 2))
+
+    def forward(self, x):
+        return self.classifier(self.flatten(self.blocks(self.stem(x))))
 
 
 class ResNetCifar(nn.Module):
@@ -133,7 +172,7 @@ def resnet20(num_classes: int = 10) -> ResNetCifar:
 
 
 #: The running-example networks by name, for :func:`build_model` and :func:`qlib.train.pretrained`.
-MODELS = {"mnist_cnn": MnistCNN, "mnist1d_cnn": Mnist1DCNN, "resnet20": resnet20}
+MODELS = {"mnist_cnn": MnistCNN, "mnist1d_cnn": Mnist1DCNN, "mnist1d_resnet": Mnist1DResNet, "resnet20": resnet20}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

@@ -278,6 +278,7 @@ class Recipe:
 RECIPES = {
     "mnist_cnn": Recipe("mnist5k", TrainConfig(epochs=15, batch_size=64, lr=5e-3)),
     "mnist1d_cnn": Recipe("mnist1d", TrainConfig(epochs=15, batch_size=64, lr=5e-3)),
+    "mnist1d_resnet": Recipe("mnist1d", TrainConfig(epochs=15, batch_size=64, lr=5e-3)),
     # The usual CIFAR ResNet recipe (He et al. 2016): SGD, lr 0.1, weight decay 5e-4, crop + flip.
     "resnet20": Recipe("cifar10", TrainConfig(epochs=160, batch_size=128, lr=0.1, weight_decay=5e-4,
                                               optimizer="sgd", augment=True)),

@@ -21,7 +21,8 @@ def calibrated(model, shape, seed=0):
     return model.eval()
 
 
-NETWORKS = [("mnist_cnn", (1, 28, 28)), ("mnist1d_cnn", (1, 40)), ("resnet20", (3, 32, 32))]
+NETWORKS = [("mnist_cnn", (1, 28, 28)), ("mnist1d_cnn", (1, 40)), ("mnist1d_resnet", (1, 40)),
+            ("resnet20", (3, 32, 32))]
 
 
 @pytest.fixture(scope="module", params=NETWORKS, ids=[n for n, _ in NETWORKS])

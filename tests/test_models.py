@@ -10,6 +10,7 @@ from qlib import fold, models
 @pytest.mark.parametrize("name, shape, params", [
     ("mnist_cnn", (1, 28, 28), (8_000, 12_000)),
     ("mnist1d_cnn", (1, 40), (9_000, 14_000)),
+    ("mnist1d_resnet", (1, 40), (12_000, 20_000)),
     ("resnet20", (3, 32, 32), (260_000, 280_000)),
 ])
 def test_shapes_and_sizes(name, shape, params):
@@ -25,6 +26,20 @@ def test_resnet20_has_20_weighted_layers_on_the_main_path():
     assert len(convs) + len(linears) == 20
 
 
+def test_mnist1d_resnet_has_both_kinds_of_shortcut_and_adds_them():
+    model = models.Mnist1DResNet().eval()
+    blocks = list(model.blocks)
+    assert [len(b.shortcut) for b in blocks] == [0, 2, 2]  # identity first, then strided 1x1 conv + BN
+    x = torch.randn(3, 24, 40)
+    block = blocks[0]
+    main = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(x)))))
+    assert torch.equal(block(x), torch.relu(main + x))
+    with pytest.raises(ValueError, match="strides"):
+        models.Mnist1DResNet(strides=())
+    with pytest.raises(ValueError, match="dims"):
+        models.BasicBlock(4, 4, dims=3)
+
+
 def test_every_relu_is_a_separate_module():
     for name in models.MODELS:
         relus = [m for m in models.build_model(name).modules() if isinstance(m, nn.ReLU)]
@@ -32,7 +47,7 @@ def test_every_relu_is_a_separate_module():
 
 
 @pytest.mark.parametrize("name, shape", [("mnist_cnn", (1, 28, 28)), ("mnist1d_cnn", (1, 40)),
-                                         ("resnet20", (3, 32, 32))])
+                                         ("mnist1d_resnet", (1, 40)), ("resnet20", (3, 32, 32))])
 def test_fold_batchnorm_preserves_outputs(name, shape):
     torch.manual_seed(0)
     model = models.build_model(name)

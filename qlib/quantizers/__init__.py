@@ -18,14 +18,14 @@ from .apot import (APOT_BITS, APoT, apot_levels, grid_codes, local_gap, pot_leve
                    zero_free_levels)
 from .approx import DAQ, DSQ, daq_soft_round, daq_unit, dsq_round
 from .base import STE, Exported, Quantizer, Rounding, enclosing_levels, nearest_level, round_ste, scale_gradient
-from .clip import clip_errors, least_squares_fraction, mse_clip_range
+from .clip import clip_errors, least_squares_fraction, mse_clip_range, mse_step
 from .ewgs import EWGS, EWGSSchedule, estimate_ewgs_deltas, ewgs_discretize, ewgs_quantizers
 from .registry import GRIDS, ROUNDINGS, make_quantizer, method_names, parse_method
 from .uniform import LSQ, PACT, LSQPlus, RangeFakeQuantizer
 
 __all__ = ["Quantizer", "Rounding", "Exported", "STE", "DSQ", "DAQ", "EWGS", "RangeFakeQuantizer", "PACT", "LSQ",
            "LSQPlus", "APoT", "make_quantizer", "parse_method", "method_names", "GRIDS", "ROUNDINGS",
-           "mse_clip_range", "least_squares_fraction", "clip_errors", "round_ste", "scale_gradient", "dsq_round",
+           "mse_clip_range", "mse_step", "least_squares_fraction", "clip_errors", "round_ste", "scale_gradient", "dsq_round",
            "daq_soft_round", "daq_unit", "ewgs_discretize", "ewgs_quantizers", "estimate_ewgs_deltas",
            "EWGSSchedule", "apot_levels", "pot_levels", "uniform_levels", "zero_free_levels", "grid_codes", "nearest_level",
            "enclosing_levels", "local_gap", "APOT_BITS"]

@@ -15,7 +15,7 @@ import torch
 from .._checks import check_bits, check_bool, check_int
 from ..affine import qrange
 
-__all__ = ["clip_errors", "least_squares_fraction", "mse_clip_range"]
+__all__ = ["clip_errors", "least_squares_fraction", "mse_clip_range", "mse_step"]
 
 #: Candidates evaluated together (memory: chunk x samples values).
 _CHUNK_VALUES = 2**22
@@ -78,3 +78,35 @@ def mse_clip_range(x: torch.Tensor, bits: int, signed: bool = False, candidates:
 
     f = least_squares_fraction(flat, project, candidates, max_samples)
     return f * low, f * high
+
+
+def mse_step(x: torch.Tensor, bits: int, signed: bool = True, axis: int | None = None, candidates: int = 100,
+             max_samples: int = 2**16) -> torch.Tensor:
+    """The step ``s`` of the zero-point-free grid ``s * {qmin, ..., qmax}`` that quantizes ``x`` with the
+    least squared error: ``s = f * max|x| / qmax`` for the best fraction ``f``, per tensor (a 0-d
+    tensor) or one per channel along ``axis`` (a 1-d tensor, each channel searched on its own).
+
+    What post-training quantization starts per-channel weights from (LSQ's ``init="mse"``).
+    """
+    qmin, qmax = qrange(check_bits(bits), check_bool(signed, "signed"))
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        raise TypeError("x must be a non-empty floating-point torch.Tensor")
+    if axis is not None:
+        axis = check_int(axis, "axis", 0)
+        if axis >= x.ndim:
+            raise ValueError(f"axis must be below x.ndim = {x.ndim}, got {axis}")
+
+    def one(values):
+        top = (values.abs().max() if signed else values.max()).clamp(min=1e-8)
+
+        def project(v, f):
+            step = f * top / qmax
+            return torch.clamp(torch.round(v / step), qmin, qmax) * step
+
+        return least_squares_fraction(values, project, candidates, max_samples) * top / qmax
+
+    flat = x.detach().float()
+    if axis is None:
+        return one(flat.reshape(-1)).to(x.dtype)
+    channels = flat.transpose(0, axis).reshape(x.shape[axis], -1)
+    return torch.stack([one(c) for c in channels]).to(x.dtype)

@@ -17,7 +17,7 @@ from .._checks import check_choice, check_float, check_int
 from ..affine import SCHEMES, QuantParams, scale_zero_point
 from ..observers import MinMaxObserver, MovingAverageObserver
 from .base import Quantizer, Rounding, clamp_round, round_ste, scale_gradient
-from .clip import mse_clip_range
+from .clip import mse_clip_range, mse_step
 
 __all__ = ["RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "RANGE_MODES"]
 
@@ -124,15 +124,20 @@ class LSQ(Quantizer):
     ``y = round(clamp(x / s, Qn, Qp)) * s``. With the straight-through rounding, the gradient with
     respect to ``s`` is ``round(x/s) - x/s`` inside the range and ``Qn`` or ``Qp`` outside, scaled by
     ``g = 1 / sqrt(N Qp)`` (``N``: the number of elements that share the step). ``s`` starts at
-    ``2 mean|x| / sqrt(Qp)`` on the first batch; the step used is ``|s|`` (see
-    :meth:`positive_step`). ``axis`` gives one step per channel.
+    ``2 mean|x| / sqrt(Qp)`` on the first batch (``init="lsq"``, the paper's), or at the
+    least-squared-error step (``init="mse"``, :func:`mse_step`: what post-training quantization
+    starts from); the step used is ``|s|`` (see :meth:`positive_step`). ``axis`` gives one step
+    per channel.
     """
 
     MIN_STEP = 1e-8
+    INITS = ("lsq", "mse")
 
-    def __init__(self, bits: int = 4, signed: bool = True, axis: int | None = None, rounding: Rounding | None = None):
+    def __init__(self, bits: int = 4, signed: bool = True, axis: int | None = None, rounding: Rounding | None = None,
+                 init: str = "lsq"):
         super().__init__(bits, signed, rounding)
         self.axis = None if axis is None else check_int(axis, "axis", 0)
+        self.init = check_choice(init, "init", LSQ.INITS)
         self.step = nn.Parameter(torch.tensor(1.0))
 
     def positive_step(self) -> torch.Tensor:
@@ -150,8 +155,11 @@ class LSQ(Quantizer):
 
     def initialize(self, x):
         _, qp = self.code_range
-        magnitude = x.abs() if self.axis is None else x.abs().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
-        init = 2 * magnitude.mean(dim=None if self.axis is None else 1) / math.sqrt(qp)
+        if self.init == "mse":
+            init = mse_step(x, self.bits, self.signed, self.axis)
+        else:
+            magnitude = x.abs() if self.axis is None else x.abs().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+            init = 2 * magnitude.mean(dim=None if self.axis is None else 1) / math.sqrt(qp)
         # a new Parameter: per-channel steps take their shape from the data (create optimizers after this)
         self.step = nn.Parameter(init.clamp(min=self.MIN_STEP).to(x.dtype))
 
