@@ -21,8 +21,8 @@ from torch import nn
 
 from ._checks import check_int
 
-__all__ = ["conv_bn_relu", "MnistCNN", "Mnist1DCNN", "Mnist1DResNet", "BasicBlock", "ResNetCifar", "resnet20", "build_model",
-           "count_parameters", "MODELS"]
+__all__ = ["conv_bn_relu", "MnistCNN", "Mnist1DCNN", "Mnist1DResNet", "BasicBlock", "ResNetCifar", "resnet20",
+           "build_model", "count_parameters", "MODELS"]
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dims: int = 2) -> nn.Sequential:

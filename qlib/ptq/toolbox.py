@@ -146,7 +146,8 @@ def correct_bias(model: nn.Module, batches) -> dict[str, torch.Tensor]:
         raise ValueError("model has no quantized layers: prepare() it first")
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms or not all(isinstance(layer, QuantLayer) for _, layer in layers):
-        raise ValueError(f"fold the batch norms before quantizing to correct biases (found {norms[:1] or 'QuantConvBn'})")
+        found = norms[0] if norms else "QuantConvBn"
+        raise ValueError(f"fold the batch norms before quantizing to correct biases (found {found!r})")
     model.eval()
     shifts = {}
     for name, layer in layers:

@@ -158,7 +158,9 @@ class LSQ(Quantizer):
         if self.init == "mse":
             init = mse_step(x, self.bits, self.signed, self.axis)
         else:
-            magnitude = x.abs() if self.axis is None else x.abs().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+            magnitude = x.abs()
+            if self.axis is not None:
+                magnitude = magnitude.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
             init = 2 * magnitude.mean(dim=None if self.axis is None else 1) / math.sqrt(qp)
         # a new Parameter: per-channel steps take their shape from the data (create optimizers after this)
         self.step = nn.Parameter(init.clamp(min=self.MIN_STEP).to(x.dtype))
