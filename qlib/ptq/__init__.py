@@ -6,10 +6,10 @@
 * :mod:`qlib.ptq.toolbox` - cross-layer equalization, bias correction, batch-norm re-estimation;
 * :mod:`qlib.ptq.adaround` - learned rounding (AdaRound): the rectified sigmoid, its regulariser
   and ``beta`` schedule, and the weight quantizer that ends as integer codes;
-* :mod:`qlib.ptq.reconstruct` - reconstruction unit by unit: layer-wise (AdaRound), block-wise
+* :mod:`qlib.ptq.reconstruction` - reconstruction unit by unit: layer-wise (AdaRound), block-wise
   with Fisher weights (BRECQ), activation steps learned jointly, and QDrop's dropped quantization.
 
-The result of every step is an ordinary :func:`qlib.qat.prepare`\\ d model, so
+The result of every step is a model as :func:`qlib.qat.prepare` makes it, so
 :func:`qlib.engine.convert` runs it in integers unchanged.
 """
 
@@ -24,7 +24,7 @@ from ..fold import fold_batchnorm
 from ..quantizers import LSQ, LSQPlus
 from .adaround import (AdaRoundWeights, BetaSchedule, inverse_rectified_sigmoid, rectified_sigmoid,
                        rounding_regularizer)
-from .reconstruct import (DropQuantization, Reconstruction, Unit, adaround_quantizers, block_units, capture,
+from .reconstruction import (DropQuantization, Reconstruction, Unit, adaround_quantizers, block_units, capture,
                           fisher_weights, layer_units, reconstruct, reconstruction_error, soft_rounding)
 from .toolbox import correct_bias, equalization_pairs, equalize, reestimate_batchnorm
 
@@ -47,7 +47,7 @@ def round_to_nearest(model: nn.Module, calibration, bits: int = 4, act_bits: int
                      first_last_bits: int | None = 8, per_channel: bool = True, fold: bool = True) -> nn.Module:
     """A quantized copy of the float ``model``, calibrated on ``calibration`` (batches of inputs) and
     otherwise untrained: batch norms folded (``fold=False`` keeps them, for
-    :func:`~qlib.ptq.toolbox.reestimate_batchnorm`), weights rounded to nearest on a
+    :func:`qlib.ptq.reestimate_batchnorm`), weights rounded to nearest on a
     least-squared-error grid per output channel (``per_channel=False``: one per tensor),
     activations on an LSQ+ grid at their least-squared-error range over the whole calibration
     set. ``first_last_bits`` as in :func:`qlib.qat.prepare`.

@@ -11,7 +11,7 @@ minimising the layer's output error. The choice is relaxed to a continuous ``h(V
 
 (the *rectified sigmoid*: it reaches 0 and 1 exactly, with a nonzero gradient just inside), and a
 regulariser ``lambda * sum(1 - |2 h(V) - 1|^beta)`` pulls every ``h`` to 0 or 1 while ``beta``
-falls from 20 to 2 (:class:`BetaSchedule`). At the end ``h`` is made hard (``V >= 0`` rounds
+falls from 20 to 2 (:class:`qlib.ptq.BetaSchedule`). At the end ``h`` is made hard (``V >= 0`` rounds
 up), so the result is integer codes on the original grid, which the engine runs unchanged.
 """
 

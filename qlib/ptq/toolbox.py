@@ -1,14 +1,14 @@
 """The post-training toolbox before reconstruction (Nagel et al. 2019; 2021, sec. 3).
 
-* :func:`equalize` - cross-layer equalization: for a layer followed by a ReLU and another layer,
+* :func:`qlib.ptq.equalize` - cross-layer equalization: for a layer followed by a ReLU and another layer,
   scale output channel ``i`` of the first by ``1 / s_i`` and input channel ``i`` of the second by
   ``s_i``. ``ReLU(x / s) = ReLU(x) / s`` for ``s > 0``, so the network computes exactly the same
   function; with ``s_i = sqrt(r1_i / r2_i)`` (``r1_i``: the largest ``|w|`` of output channel ``i``
   of the first layer, ``r2_i``: of input channel ``i`` of the second) both channels end with the
   range ``sqrt(r1_i r2_i)``, which is what a per-tensor weight grid needs.
-* :func:`correct_bias` - bias correction: quantized weights shift each output channel's mean by
+* :func:`qlib.ptq.correct_bias` - bias correction: quantized weights shift each output channel's mean by
   ``E[(W_hat - W) x]``; measured on calibration data and subtracted from the bias.
-* :func:`reestimate_batchnorm` - batch-norm re-estimation: the running statistics measured again
+* :func:`qlib.ptq.reestimate_batchnorm` - batch-norm re-estimation: the running statistics measured again
   with the quantized weights and activations, for networks that keep their batch norms until
   conversion.
 """
@@ -131,7 +131,7 @@ def _linear_part(layer, x, weight):
 
 @torch.no_grad()
 def correct_bias(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Empirical bias correction of a quantized model (:func:`qlib.qat.prepare`d and calibrated, batch
+    """Empirical bias correction of a quantized model (made by :func:`qlib.qat.prepare` and calibrated, batch
     norms folded), in place: layer by layer in order, the mean shift its quantized weights cause,
     ``mean((W_hat - W) x_hat)`` per output channel over ``batches`` (``x_hat``: the layer's own
     quantized input in the model corrected so far), is subtracted from its bias.

@@ -4,12 +4,12 @@ A *unit* is a piece of the network run as one: a layer (AdaRound, Nagel et al. 2
 (BRECQ, Li et al. 2021). Units are reconstructed in order. For each, the float network gives the
 target (the unit's float output on float input, ``y``) and the quantized network, with every
 earlier unit already reconstructed, gives the input (``x_hat``); the unit's weights switch to
-:class:`~qlib.ptq.adaround.AdaRoundWeights` and their rounding decisions ``V`` minimise::
+:class:`qlib.ptq.AdaRoundWeights` and their rounding decisions ``V`` minimise::
 
     || f_q(x_hat) - y ||^2  (weighted by the Fisher diagonal for BRECQ)  +  lambda sum(1 - |2h(V) - 1|^beta)
 
 with the squared error summed over channels and averaged over examples and positions (as the
-official code does), ``beta`` annealed by :class:`~qlib.ptq.adaround.BetaSchedule`. Then every
+official code does), ``beta`` annealed by :class:`qlib.ptq.BetaSchedule`. Then every
 decision is made hard, and the next unit starts. Options: the activation quantizers' steps of the
 unit's layers learn jointly (``act_lr``), and QDrop (Wei et al. 2022): during reconstruction each
 activation element is quantized only with probability ``drop`` and left in float otherwise.
