@@ -105,15 +105,18 @@ class Dataset:
         """Shuffled training mini-batches ``(x, y)``; the last partial batch is kept."""
         return iterate_batches(self.x_train, self.y_train, batch_size, shuffle=True, generator=generator)
 
-    def calibration_batches(self, images: int = 500, batch_size: int = 100, seed: int = 0) -> list[torch.Tensor]:
-        """The first ``images`` training inputs of a seeded shuffle, in batches (labels dropped): the
-        calibration set of post-training quantization, the same for every method and seed."""
+    def calibration_batches(self, images: int = 500, batch_size: int = 100, seed: int = 0,
+                            labels: bool = False) -> list:
+        """The first ``images`` training inputs of a seeded shuffle, in batches (labels dropped unless
+        ``labels=True``, which gives ``(x, y)`` pairs): the calibration set of post-training
+        quantization, the same for every method and seed."""
         images = check_int(images, "images", 1)
         batch_size = check_int(batch_size, "batch_size", 1)
         generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
         batches = []
-        for x, _ in self.train_batches(batch_size, generator):
-            batches.append(x[:images - batch_size * len(batches)])
+        for x, y in self.train_batches(batch_size, generator):
+            keep = images - batch_size * len(batches)
+            batches.append((x[:keep], y[:keep]) if labels else x[:keep])
             if batch_size * len(batches) >= images:
                 break
         return batches

@@ -30,16 +30,17 @@ import torch
 from scipy import stats
 from torch import nn
 
-from . import qat
+from . import ptq, qat
 from ._checks import check_bits, check_float, check_int
 from .data import Dataset, load
+from .fold import fold_batchnorm
 from .quantizers import EWGSSchedule, Quantizer, ewgs_quantizers, parse_method
 from .train import (RECIPES, TrainConfig, cache_dir, code_fingerprint, correct, evaluate, mean_std, pretrained,
                     pretrained_path, single_threaded, train)
 
 __all__ = ["summarise", "error_ratio", "Comparison", "paired_t", "paired_difference", "VERDICTS", "QATRecipe", "Run",
            "Results", "run_grid", "grid", "execute", "cached_run", "trained_model", "prepared_model", "run_path",
-           "default_workers", "running_data", "pretrain"]
+           "default_workers", "running_data", "pretrain", "PTQRecipe", "calibration_set"]
 
 
 def error_ratio(accuracy, reference) -> np.ndarray:
@@ -203,12 +204,37 @@ class QATRecipe:
 
 
 @dataclass(frozen=True)
+class PTQRecipe:
+    """How a post-training run quantizes a trained float network without training it (chapter 9):
+    ``calibration_images`` training examples (the same for every method and seed), the toolbox
+    steps in this order (``"equalize"``: cross-layer equalization before quantizing, ``"bias"``: bias
+    correction after), then an optional :class:`qlib.ptq.Reconstruction` (AdaRound, BRECQ, QDrop).
+    The grids are :func:`qlib.ptq.round_to_nearest`'s (LSQ weights and LSQ+ activations at their
+    least-squared-error ranges), so a run with a ``PTQRecipe`` names ``weight="lsq"``, ``act="lsq+"``."""
+
+    calibration_images: int = 1024
+    toolbox: tuple = ()
+    reconstruction: ptq.Reconstruction | None = None
+
+    TOOLS = ("equalize", "bias")
+
+    def __post_init__(self):
+        check_int(self.calibration_images, "calibration_images", 1)
+        if not isinstance(self.toolbox, tuple) or any(t not in self.TOOLS for t in self.toolbox):
+            raise ValueError(f"toolbox must be a tuple of {self.TOOLS}, got {self.toolbox!r}")
+        if self.reconstruction is not None and not isinstance(self.reconstruction, ptq.Reconstruction):
+            raise TypeError(f"reconstruction must be a qlib.ptq.Reconstruction or None, got "
+                            f"{type(self.reconstruction).__name__}")
+
+
+@dataclass(frozen=True)
 class Run:
     """One quantization-aware training run: network, methods, bits, seed and recipe.
 
     ``weight`` and ``act`` are method names of :mod:`qlib.quantizers.registry` (``act`` defaults to
     ``weight``); ``epochs=0`` in the recipe is not allowed, but ``ptq=True`` stops after calibration
-    (post-training quantization with the same grids). ``model_kwargs`` (pairs) change the network
+    (post-training quantization with the same grids), and ``post_training`` (a :class:`PTQRecipe`)
+    runs chapter 9's post-training pipeline instead of training. ``model_kwargs`` (pairs) change the network
     (e.g. its widths); ``label`` names the run in tables and is not part of its identity.
     """
 
@@ -225,6 +251,7 @@ class Run:
     ptq: bool = False
     model_kwargs: tuple = ()
     label: str = ""
+    post_training: PTQRecipe | None = None
 
     def __post_init__(self):
         if self.network not in RECIPES:
@@ -237,6 +264,12 @@ class Run:
         check_int(self.seed, "seed", 0)
         if not isinstance(self.recipe, QATRecipe):
             raise TypeError(f"recipe must be a QATRecipe, got {type(self.recipe).__name__}")
+        if self.post_training is not None:
+            if not isinstance(self.post_training, PTQRecipe):
+                raise TypeError(f"post_training must be a PTQRecipe, got {type(self.post_training).__name__}")
+            if (self.weight, self.act, self.ptq, self.fold_bn) != ("lsq", "lsq+", False, False):
+                raise ValueError("a post_training run uses qlib.ptq's grids: weight='lsq', act='lsq+', "
+                                 "ptq=False, fold_bn=False")
 
     @property
     def name(self) -> str:
@@ -287,11 +320,27 @@ def running_data(network: str) -> Dataset:
     return _DATASETS[name]
 
 
+def calibration_set(dataset: Dataset, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: the first ``images`` examples of the seeded calibration shuffle of the training split
+    (:meth:`qlib.data.Dataset.calibration_batches`), in one tensor each."""
+    pairs = dataset.calibration_batches(images, labels=True)
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
 def prepared_model(run: Run, dataset: Dataset | None = None) -> tuple[nn.Module, nn.Module, Dataset]:
-    """``(float model, prepared and calibrated model, data)`` of a run, before any training."""
+    """``(float model, prepared and calibrated model, data)`` of a run, before any training (for a
+    post-training run: after its toolbox, before reconstruction)."""
     dataset = dataset if dataset is not None else running_data(run.network)
     float_model, _ = pretrained(run.network, run.seed, data=dataset, model_kwargs=dict(run.model_kwargs),
                                 progress=False)
+    if run.post_training is not None:
+        recipe = run.post_training
+        x, _ = calibration_set(dataset, recipe.calibration_images)
+        base = ptq.equalize(float_model) if "equalize" in recipe.toolbox else float_model
+        quantized = ptq.round_to_nearest(base, [x], run.bits, run.act_bits, run.first_last_bits, run.per_channel)
+        if "bias" in recipe.toolbox:
+            ptq.correct_bias(quantized, [x])
+        return float_model, quantized, dataset
     prepared = qat.prepare(float_model, run.weight, run.act or run.weight, bits=run.bits, act_bits=run.act_bits,
                            first_last_bits=run.first_last_bits, per_channel=run.per_channel,
                            example_input=dataset.x_train[:64], fold_bn=run.fold_bn)
@@ -322,7 +371,10 @@ def _execute(run, dataset, device, progress):
               "float_val": evaluate(float_model, dataset, "val"), "float_test": evaluate(float_model, dataset),
               "start_val": _percent(start_correct["val"]), "start_test": _percent(start_correct["test"])}
     history, seconds, log = [], 0.0, []
-    if not run.ptq:
+    if run.post_training is not None:
+        seconds, ptq_log, soft = _reconstruct(run, float_model, model, dataset)
+        result.update(soft, ptq_log=ptq_log)
+    elif not run.ptq:
         config = recipe.train_config()
         total = config.epochs * math.ceil(len(dataset.x_train) / config.batch_size)
         delay, freeze = int(recipe.act_delay * total), int(recipe.freeze_bn * total)
@@ -354,13 +406,32 @@ def _execute(run, dataset, device, progress):
             schedule.close(model)
             log = schedule.log
         model.cpu()
-    final = start_correct if run.ptq else {split: correct(model, dataset, split) for split in ("val", "test")}
+    unchanged = run.ptq or (run.post_training is not None and run.post_training.reconstruction is None)
+    final = start_correct if unchanged else {split: correct(model, dataset, split) for split in ("val", "test")}
     result.update({
         "history": [{"epoch": h["epoch"], "loss": h["loss"], "val_acc": h["val_acc"],
                      "step_losses": h["step_losses"]} for h in history],
         "val": _percent(final["val"]), "test": _percent(final["test"]),
         "val_correct": final["val"], "test_correct": final["test"], "seconds": seconds, "ewgs_log": log})
     return result, model
+
+
+def _reconstruct(run, float_model, model, dataset):
+    """A post-training run's reconstruction, in place: ``(seconds with calibration, log, soft accuracies)``."""
+    recipe = run.post_training
+    start = time.perf_counter()
+    if recipe.reconstruction is None:  # calibration and toolbox only: time them again, as reconstruction runs do
+        prepared_model(run, dataset)
+        return time.perf_counter() - start, [], {}
+    x, y = calibration_set(dataset, recipe.calibration_images)
+    reference = ptq.equalize(float_model) if "equalize" in recipe.toolbox else fold_batchnorm(float_model)
+    units = ptq.reconstruct(model, reference, x, recipe.reconstruction, labels=y, seed=run.seed)["units"]
+    seconds = time.perf_counter() - start
+    with ptq.soft_rounding(model):
+        soft = {"soft_val": evaluate(model, dataset, "val"), "soft_test": evaluate(model, dataset)}
+    log = [{k: u[k] for k in ("unit", "layers", "undecided", "rounded_away", "seconds")} |
+           {"loss": u["loss"][:: max(1, len(u["loss"]) // 100)]} for u in units]
+    return seconds, log, soft
 
 
 def _percent(correct_examples: torch.Tensor) -> float:
@@ -406,6 +477,9 @@ def trained_model(run: Run, dataset: Dataset | None = None) -> nn.Module:
     with single_threaded():
         _, model, _ = prepared_model(run, dataset)
     state = torch.load(cache_dir() / "runs" / f"{run.key()}.pt", weights_only=True)["state_dict"]
+    if run.post_training is not None and run.post_training.reconstruction is not None:
+        for _, layer in qat.quantized_layers(model):  # the learned rounding's structure, then its state
+            layer.weight_quantizer = ptq.AdaRoundWeights(layer.weight_quantizer, layer.weight)
     model.load_state_dict(state)
     return model.eval()
 
@@ -423,8 +497,8 @@ class Results:
         rows = []
         for run, result in zip(self.runs, self.results):
             row = {"label": run.name, "network": run.network, "weight": run.weight, "act": run.act or run.weight,
-                   "bits": f"W{run.bits}A{run.act_bits or run.bits}", "seed": run.seed, "epochs": run.recipe.epochs,
-                   "lr": run.recipe.lr}
+                   "bits": f"W{run.bits}A{run.act_bits or run.bits}", "seed": run.seed,
+                   "epochs": 0 if run.post_training else run.recipe.epochs, "lr": run.recipe.lr}
             row.update({c: result[c] for c in self.COLUMNS})
             rows.append(row)
         return pd.DataFrame(rows)

@@ -180,5 +180,9 @@ def test_calibration_batches_are_a_fixed_sample_of_the_training_set():
     assert len({tuple(row.tolist()) for row in sample.flatten(1)}) == 250  # no repeats
     assert not torch.equal(torch.cat(ds.calibration_batches(250, seed=1)), sample)
     assert sum(len(b) for b in ds.calibration_batches(10_000)) == len(ds.x_train)
+    pairs = ds.calibration_batches(250, batch_size=100, labels=True)
+    assert all(torch.equal(x, b) for (x, _), b in zip(pairs, batches))  # the same images, with their labels
+    rows = {tuple(row.tolist()): int(label) for row, label in zip(ds.x_train.flatten(1), ds.y_train)}
+    assert all(rows[tuple(r.tolist())] == int(l) for x, y in pairs for r, l in zip(x.flatten(1), y))
     with pytest.raises(ValueError, match="images must be"):
         ds.calibration_batches(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import experiments, models, qat, train
+from qlib import experiments, models, ptq, qat, train
 from qlib.data import load_digits
 from qlib.experiments import QATRecipe, Run, cached_run, execute, grid, run_grid, trained_model
 
@@ -115,6 +115,34 @@ def test_comparison_tables_name_each_filter_field():
     describe = experiments._describe_filter
     assert describe({"label": "LSQ", "bits": 2, "act_bits": 4}) == "LSQ, W2, A4"
     assert describe({"seed": 3, "first_last_bits": 8}) == "seed 3, first/last 8 bits"
+
+
+@pytest.mark.slow  # reconstructs a network
+def test_post_training_runs_cache_their_codes_and_reload_them(tiny):
+    adaround = ptq.Reconstruction("layer", iterations=15, batch_size=32, lr=1e-2)
+    recipes = {"RTN": experiments.PTQRecipe(200), "RTN + bias": experiments.PTQRecipe(200, ("equalize", "bias")),
+               "AdaRound": experiments.PTQRecipe(200, reconstruction=adaround)}
+    runs = [Run("tiny", "lsq", "lsq+", bits=3, act_bits=4, seed=0, label=k, post_training=r) for k, r in recipes.items()]
+    results = run_grid(runs, tiny, progress=False)
+    rtn, toolbox, learned = results.results
+    assert rtn["val"] == rtn["start_val"] and rtn["test"] == rtn["start_test"] and rtn["seconds"] > 0
+    assert toolbox["start_test"] != rtn["start_test"] or toolbox["start_val"] != rtn["start_val"]
+    assert learned["start_test"] == rtn["start_test"]  # reconstruction starts from round-to-nearest
+    assert {"soft_val", "soft_test"} <= set(learned) and len(learned["ptq_log"]) == 3
+    assert all(len(u["undecided"]) == len(u["layers"]) == 1 for u in learned["ptq_log"])
+    assert list(results.table().epochs) == [0, 0, 0]
+    model = trained_model(runs[2], tiny)
+    assert all(q.hard for q in ptq.adaround_quantizers(model).values())
+    assert torch.equal(train.correct(model, tiny), learned["test_correct"])  # the codes the run measured
+
+
+def test_post_training_runs_refuse_other_grids_and_unknown_tools():
+    with pytest.raises(ValueError, match="post_training"):
+        Run("mnist1d_cnn", "minmax", post_training=experiments.PTQRecipe())
+    with pytest.raises(ValueError, match="toolbox"):
+        experiments.PTQRecipe(toolbox=("cle",))
+    with pytest.raises(TypeError, match="reconstruction"):
+        experiments.PTQRecipe(reconstruction={"iterations": 5})
 
 
 def test_runs_refuse_what_they_cannot_be():

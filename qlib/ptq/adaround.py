@@ -110,8 +110,17 @@ class AdaRoundWeights(Quantizer):
         scaled = weight.detach() / step
         fraction = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)  # h = 0 or 1 exactly has no finite V
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(fraction))
-        self.hard = False
+        self.register_buffer("hardened", torch.tensor(False))  # in the state dict: a saved result stays hard
         self.initialized.fill_(True)
+
+    @property
+    def hard(self) -> bool:
+        """Whether the decisions are final (0/1) rather than the soft ``h(V)``."""
+        return bool(self.hardened)
+
+    @hard.setter
+    def hard(self, value: bool):
+        self.hardened.fill_(bool(value))
 
     @property
     def code_range(self) -> tuple[int, int]:
