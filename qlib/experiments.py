@@ -356,7 +356,8 @@ def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progr
     ``float_test``, ``start_val``, ``start_test``), the history per epoch (training loss, validation
     accuracy under the final quantization configuration), the final ``val`` and ``test`` accuracies,
     ``test_correct`` and ``val_correct`` (per example, for paired comparisons), the training time in
-    seconds and, for EWGS, its log. Everything runs on one CPU thread (:func:`qlib.train.single_threaded`):
+    seconds (a post-training run: calibration, toolbox and reconstruction, with ``soft_val``,
+    ``soft_test`` and the per-unit ``ptq_log``) and, for EWGS, its log. Everything runs on one CPU thread (:func:`qlib.train.single_threaded`):
     calibration, training and evaluation give the same numbers wherever the run executes.
     """
     with single_threaded():
@@ -365,7 +366,9 @@ def execute(run: Run, dataset: Dataset | None = None, device: str = "cpu", progr
 
 def _execute(run, dataset, device, progress):
     recipe = run.recipe
+    start = time.perf_counter()
     float_model, model, dataset = prepared_model(run, dataset)
+    prepare_seconds = time.perf_counter() - start  # a post-training run's calibration and toolbox
     start_correct = {split: correct(model, dataset, split) for split in ("val", "test")}
     result = {"run": run.spec(), "label": run.name,
               "float_val": evaluate(float_model, dataset, "val"), "float_test": evaluate(float_model, dataset),
@@ -373,6 +376,7 @@ def _execute(run, dataset, device, progress):
     history, seconds, log = [], 0.0, []
     if run.post_training is not None:
         seconds, ptq_log, soft = _reconstruct(run, float_model, model, dataset)
+        seconds += prepare_seconds
         result.update(soft, ptq_log=ptq_log)
     elif not run.ptq:
         config = recipe.train_config()
@@ -417,12 +421,11 @@ def _execute(run, dataset, device, progress):
 
 
 def _reconstruct(run, float_model, model, dataset):
-    """A post-training run's reconstruction, in place: ``(seconds with calibration, log, soft accuracies)``."""
+    """A post-training run's reconstruction, in place: ``(seconds, log, soft accuracies)``."""
     recipe = run.post_training
+    if recipe.reconstruction is None:
+        return 0.0, [], {}
     start = time.perf_counter()
-    if recipe.reconstruction is None:  # calibration and toolbox only: time them again, as reconstruction runs do
-        prepared_model(run, dataset)
-        return time.perf_counter() - start, [], {}
     x, y = calibration_set(dataset, recipe.calibration_images)
     reference = ptq.equalize(float_model) if "equalize" in recipe.toolbox else fold_batchnorm(float_model)
     units = ptq.reconstruct(model, reference, x, recipe.reconstruction, labels=y, seed=run.seed)["units"]
