@@ -19,7 +19,7 @@ from .fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
 __all__ = ["publish", "use_book_style", "draw_quantization", "quantization_explorer", "draw_channel_ranges",
            "granularity_explorer", "draw_multiplier", "multiplier_explorer", "draw_lsb_histogram",
-           "BOOK_STYLE"]
+           "draw_rounding_objective", "rounding_explorer", "BOOK_STYLE"]
 
 BOOK_STYLE = {
     # Opaque white backgrounds, so figures stay readable on the book's dark theme.
@@ -215,6 +215,76 @@ def multiplier_explorer(s1: float = 0.1, s2: float = 0.2, s3: float = 0.05):
                                       readout_format=".4f")
 
     return widgets.interactive(show, s1=slider(s1, "S1"), s2=slider(s2, "S2"), s3=slider(s3, "S3"))
+
+
+def draw_rounding_objective(lam: float = 0.01, beta: float = 20.0, targets=(0.3, 0.45), ax=None):
+    """AdaRound's regulariser on one rounding decision ``h``, and what it does to a toy objective.
+
+    Left: ``lam * (1 - |2h - 1|^beta)`` against ``h`` (AdaRound's regulariser for one weight), with
+    ``beta`` = 20, 8 and 2 for reference. Right: ``(h - t)^2 + lam * (1 - |2h - 1|^beta)`` for each
+    ``t`` of ``targets``: the squared error pulls ``h`` to the value ``t`` the reconstruction wants,
+    the regulariser towards 0 or 1. Returns ``(figure, minima)``: per target the ``h`` in
+    ``[0, 1]`` (a grid of 2,001 points) that minimises the objective. With ``lam = 0`` that is ``t``
+    itself; for ``beta = 2`` and ``lam > 1/4`` the objective is concave, and the minimum is 0 or 1.
+    """
+    from .ptq.adaround import rounding_regularizer
+
+    lam = check_float(lam, "lam", 0.0)
+    beta = check_float(beta, "beta", 0.0, low_open=True)
+    if isinstance(targets, (int, float)):
+        targets = (targets,)
+    if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, (int, float)) for t in targets):
+        raise TypeError(f"targets must be a non-empty tuple of numbers in [0, 1], got {targets!r}")
+    targets = np.asarray(targets, dtype=np.float64)
+    if not np.isfinite(targets).all():
+        raise ValueError(f"targets must lie in [0, 1], got {targets.tolist()}")
+    if ((targets < 0) | (targets > 1)).any():
+        raise ValueError(f"targets must lie in [0, 1], got {targets.tolist()}")
+    h = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64)
+
+    def regulariser(b):  # per element: rounding_regularizer sums, so apply it one h at a time
+        return torch.stack([rounding_regularizer(v.reshape(1), b) for v in h]).numpy()
+
+    if ax is None:
+        fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0))
+    else:
+        axes = np.atleast_1d(ax)
+        if len(axes) != 2:
+            raise ValueError("ax must be two axes (left and right panel)")
+        fig = axes[0].figure
+    mine = lam * regulariser(beta)
+    for b in (20.0, 8.0, 2.0):
+        if b != beta:
+            axes[0].plot(h, lam * regulariser(b), lw=1, ls=":", label=f"β = {b:g}")
+    axes[0].plot(h, mine, lw=2, color="black", label=f"β = {beta:g}")
+    axes[0].set(xlabel="h", ylabel="λ (1 − |2h − 1|^β)", title=f"regulariser, λ = {lam:g}")
+    axes[0].legend(fontsize=8)
+    minima = {}
+    for t in targets:
+        total = (h.numpy() - t) ** 2 + mine
+        best = float(h[int(np.argmin(total))])
+        minima[float(t)] = best
+        line, = axes[1].plot(h, total, label=f"t = {t:g}")
+        axes[1].plot([best], [total.min()], "o", color=line.get_color())
+    axes[1].set(xlabel="h", ylabel="(h − t)² + regulariser", title="toy objective (dots: minima)")
+    axes[1].legend(fontsize=8)
+    return fig, minima
+
+
+def rounding_explorer(lam: float = 0.01, beta: float = 20.0):
+    """Sliders for ``lambda`` (log scale) and ``beta`` over :func:`draw_rounding_objective`."""
+    import ipywidgets as widgets
+
+    def show(lam, beta):
+        draw_rounding_objective(lam, beta)
+        plt.show()
+
+    return widgets.interactive(
+        show,
+        lam=widgets.FloatLogSlider(value=check_float(lam, "lam", 0.0, low_open=True), base=10, min=-3, max=0,
+                                   step=0.1, description="λ"),
+        beta=widgets.FloatSlider(value=check_float(beta, "beta", 0.0, low_open=True), min=1.0, max=20.0,
+                                 step=0.5, description="β"))
 
 
 def _lsb_differences(d, name: str) -> np.ndarray:

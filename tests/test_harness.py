@@ -130,7 +130,10 @@ def test_post_training_runs_cache_their_codes_and_reload_them(tiny):
     assert learned["start_test"] == rtn["start_test"]  # reconstruction starts from round-to-nearest
     assert {"soft_val", "soft_test"} <= set(learned) and len(learned["ptq_log"]) == 3
     assert all(len(u["undecided"]) == len(u["layers"]) == 1 for u in learned["ptq_log"])
-    assert list(results.table().epochs) == [0, 0, 0]
+    table = results.table()
+    assert list(table.epochs) == [0, 0, 0]
+    assert table.soft_test.isna().tolist() == [True, True, False]  # only a reconstruction has soft accuracies
+    assert table.soft_test.iloc[2] == learned["soft_test"] and table.soft_val.iloc[2] == learned["soft_val"]
     model = trained_model(runs[2], tiny)
     assert all(q.hard for q in ptq.adaround_quantizers(model).values())
     assert torch.equal(train.correct(model, tiny), learned["test_correct"])  # the codes the run measured
@@ -174,18 +177,20 @@ def test_quantizer_parameters_get_their_own_group_without_decay():
 @pytest.mark.slow  # trains two float networks and two quantized runs, twice
 def test_runs_in_worker_processes_give_what_they_give_here(tmp_path, monkeypatch):
     recipe = QATRecipe(epochs=1, batch_size=256, calibration_images=100)
-    runs = [Run("mnist1d_cnn", "lsq", bits=4, seed=s, recipe=recipe) for s in (0, 1)]
+    narrow = {"width": 4}  # the same code paths as the book's network, at a fraction of the cost
+    runs = [Run("mnist1d_cnn", "lsq", bits=4, seed=s, recipe=recipe, model_kwargs=tuple(narrow.items()))
+            for s in (0, 1)]
     monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "workers"))
-    experiments.pretrain("mnist1d_cnn", [0, 1], workers=2)
-    assert all(train.pretrained_path("mnist1d_cnn", s)[0].exists() for s in (0, 1))
-    floats_parallel = [train.pretrained("mnist1d_cnn", s)[0].state_dict() for s in (0, 1)]
+    experiments.pretrain("mnist1d_cnn", [0, 1], model_kwargs=narrow, workers=2)
+    assert all(train.pretrained_path("mnist1d_cnn", s, model_kwargs=narrow)[0].exists() for s in (0, 1))
+    floats_parallel = [train.pretrained("mnist1d_cnn", s, model_kwargs=narrow)[0].state_dict() for s in (0, 1)]
     parallel = run_grid(runs, progress=False, workers=2)
     monkeypatch.setenv("QLIB_CACHE_DIR", str(tmp_path / "here"))
     here = run_grid(runs, progress=False, workers=1)
     for a, b in zip(parallel.results, here.results):
         assert torch.equal(a["test_correct"], b["test_correct"]) and a["test"] == b["test"]
     for seed, weights in zip((0, 1), floats_parallel):
-        mine = train.pretrained("mnist1d_cnn", seed)[0].state_dict()
+        mine = train.pretrained("mnist1d_cnn", seed, model_kwargs=narrow)[0].state_dict()
         assert all(torch.equal(weights[k], mine[k]) for k in mine)
 
 
@@ -196,3 +201,17 @@ def test_pretrain_refuses_unknown_networks_and_empty_lists():
         experiments.pretrain("mnist1d_cnn", [])
     with pytest.raises(ValueError, match="seeds"):
         experiments.pretrain("mnist1d_cnn", [-1])
+
+
+@pytest.mark.slow  # trains a network
+def test_the_float_accuracies_are_evaluated_once_per_network_and_data_set(tiny):
+    runs = [Run("tiny", "lsq", "lsq+", bits=b, seed=0, post_training=experiments.PTQRecipe(100)) for b in (3, 4)]
+    first, second = (execute(r, tiny)[0] for r in runs)
+    network = train.pretrained("tiny", 0, data=tiny)[0]
+    assert first["float_test"] == second["float_test"] == train.evaluate(network, tiny)
+    assert first["float_val"] == second["float_val"] == train.evaluate(network, tiny, "val")
+    entries = [k for k in experiments._FLOAT_ACCURACIES if k[2] == id(tiny)]
+    assert len(entries) == 1  # the second run reused the first one's evaluation
+    other = load_digits(test_fraction=0.3)  # another data set object: evaluated afresh, on its own split
+    third = execute(runs[0], other)[0]
+    assert third["float_test"] == train.evaluate(train.pretrained("tiny", 0, data=other)[0], other)

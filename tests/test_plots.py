@@ -140,3 +140,38 @@ def test_draw_multiplier_bad_input():
         plots.draw_multiplier(0.1, 0.0, 0.1)
     with pytest.raises(ValueError, match="acc_range must be"):
         plots.draw_multiplier(acc_range=0)
+
+
+def test_rounding_objective_minima_follow_the_algebra():
+    # no regulariser: the minimum is the target itself
+    _, minima = plots.draw_rounding_objective(0.0, 20.0, targets=(0.3, 0.45))
+    assert minima == pytest.approx({0.3: 0.3, 0.45: 0.45}, abs=1e-3)
+    # beta = 2: (h - t)^2 + 4 lam h (1 - h) is concave for lam > 1/4, so the nearer end wins
+    _, minima = plots.draw_rounding_objective(0.5, 2.0, targets=(0.45, 0.55))
+    assert minima == {0.45: 0.0, 0.55: 1.0}
+    # beta = 2 and lam < 1/4: the interior minimum t (1 - 4 lam) ... solves 2(h - t) + 4 lam (1 - 2h) = 0
+    lam, t = 0.1, 0.3
+    _, minima = plots.draw_rounding_objective(lam, 2.0, targets=(t,))
+    assert minima[t] == pytest.approx((t - 2 * lam) / (1 - 4 * lam), abs=1e-3)
+    plt_close()
+
+
+def test_rounding_objective_and_explorer_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="targets"):
+        plots.draw_rounding_objective(targets=(1.5,))
+    with pytest.raises(ValueError, match="beta"):
+        plots.draw_rounding_objective(beta=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        plots.draw_rounding_objective(lam=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        plots.rounding_explorer(lam=0.0)  # a log slider cannot start at 0
+    explorer = plots.rounding_explorer(0.05, 4.0)
+    assert isinstance(explorer, ipywidgets.interactive)
+    explorer.children[1].value = 2.0  # moving beta redraws without error
+    plt_close()
+
+
+def plt_close():
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -108,7 +108,7 @@ class AdaRoundWeights(Quantizer):
         self.register_buffer("step", step)
         self.register_buffer("zero_point", zero_point)
         scaled = weight.detach() / step
-        fraction = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)  # h = 0 or 1 exactly has no finite V
+        fraction = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)  # off the clamp's flat ends
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(fraction))
         self.register_buffer("hardened", torch.tensor(False))  # in the state dict: a saved result stays hard
         self.initialized.fill_(True)
