@@ -46,8 +46,8 @@ def inverse_rectified_sigmoid(h: torch.Tensor, zeta: float = ZETA, gamma: float 
 def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     """``sum(1 - |2h - 1|^beta)``: 0 where every ``h`` is 0 or 1, largest at ``h = 1/2``.
 
-    A large ``beta`` leaves ``h`` free except very near 1/2 (the reconstruction decides); ``beta = 2``
-    pushes everything towards 0 or 1.
+    A large ``beta`` makes it nearly constant except close to 0 and 1, so it barely moves ``h`` (the
+    reconstruction decides); ``beta = 2`` pushes everything towards 0 or 1.
     """
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
