@@ -236,9 +236,7 @@ def draw_rounding_objective(lam: float = 0.01, beta: float = 20.0, targets=(0.3,
     if not isinstance(targets, (tuple, list)) or not targets or not all(isinstance(t, (int, float)) for t in targets):
         raise TypeError(f"targets must be a non-empty tuple of numbers in [0, 1], got {targets!r}")
     targets = np.asarray(targets, dtype=np.float64)
-    if not np.isfinite(targets).all():
-        raise ValueError(f"targets must lie in [0, 1], got {targets.tolist()}")
-    if ((targets < 0) | (targets > 1)).any():
+    if not ((targets >= 0) & (targets <= 1)).all():  # NaN fails both comparisons
         raise ValueError(f"targets must lie in [0, 1], got {targets.tolist()}")
     h = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64)
 
