@@ -144,11 +144,16 @@ def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: 
 
 def _standardise(name, x_train, y_train, x_test, y_test, classes, per_channel=False, x_val=None,
                  y_val=None) -> Dataset:
-    """Build a Dataset, standardising every split with the training statistics."""
+    """Build a Dataset, standardising every split with the training statistics.
+
+    The statistics are reduced in float64 by NumPy (a fixed summation order): torch's float32
+    reductions depend on the number of threads, and one ulp of difference in the mean changes every
+    trained network downstream."""
+    x64 = np.asarray(x_train, dtype=np.float64)
+    axes = tuple([0] + list(range(2, x64.ndim)) if per_channel else range(x64.ndim))
+    mean = torch.from_numpy(x64.mean(axis=axes, keepdims=True).astype(np.float32))
+    std = torch.from_numpy(np.maximum(x64.std(axis=axes, ddof=1, keepdims=True), 1e-8).astype(np.float32))
     x_train = torch.as_tensor(x_train, dtype=torch.float32)
-    dims = [0] + list(range(2, x_train.ndim)) if per_channel else list(range(x_train.ndim))
-    mean = x_train.mean(dim=dims, keepdim=True)
-    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
     shape = [1, -1] + [1] * (x_train.ndim - 2)
 
     def scaled(x):

@@ -186,3 +186,28 @@ def test_calibration_batches_are_a_fixed_sample_of_the_training_set():
     assert all(rows[tuple(r.tolist())] == int(l) for x, y in pairs for r, l in zip(x.flatten(1), y))
     with pytest.raises(ValueError, match="images must be"):
         ds.calibration_batches(0)
+
+
+def test_standardisation_does_not_depend_on_the_thread_count():
+    # float32 reductions in torch sum in a thread-dependent order: the statistics must not
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 1, 40)).astype(np.float32)  # mean near 0: sums cancel
+    y = rng.integers(0, 10, 4000)
+    threads = torch.get_num_threads()
+    try:
+        stats = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            d = data._standardise("toy", x, y, x[:10], y[:10], tuple("0123456789"))
+            stats.append((d.mean.item(), d.std.item(), d.x_test.numpy().tobytes()))
+    finally:
+        torch.set_num_threads(threads)
+    assert stats[0] == stats[1] == stats[2]
+    x64 = x.astype(np.float64)
+    assert stats[0][0] == np.float32(x64.mean()) and stats[0][1] == np.float32(x64.std(ddof=1))
+    # per channel: one statistic per channel, over examples and positions
+    images = rng.random((50, 3, 4, 4)).astype(np.float32)
+    d = data._standardise("rgb", images, y[:50], images[:5], y[:5], tuple("0123456789"), per_channel=True)
+    assert d.mean.shape == (1, 3, 1, 1)
+    np.testing.assert_array_equal(d.mean.numpy().ravel(),
+                                  images.astype(np.float64).mean(axis=(0, 2, 3)).astype(np.float32))
