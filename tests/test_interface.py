@@ -181,8 +181,10 @@ class ReadableSTE(STE):
     lambda r: RangeFakeQuantizer(4, signed=False, range="ema", rounding=r),
     lambda r: RangeFakeQuantizer(3, signed=True, scheme="asymmetric", range="current", rounding=r),
     lambda r: RangeFakeQuantizer(4, signed=True, scheme="symmetric", narrow_range=True, axis=0, range="current",
-                                 rounding=r)], ids=["lsq", "lsq per channel", "lsq unsigned", "ema", "asymmetric",
-                                                    "symmetric per channel"])
+                                 rounding=r),
+    lambda r: LSQPlus(3, signed=False, rounding=r), lambda r: LSQPlus(2, signed=True, init="minmax", rounding=r)],
+    ids=["lsq", "lsq per channel", "lsq unsigned", "ema", "asymmetric", "symmetric per channel", "lsq+",
+         "lsq+ signed minmax"])
 def test_the_fused_straight_through_path_equals_the_readable_one(make):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, 5, generator=g) * 2
