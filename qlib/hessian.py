@@ -15,6 +15,7 @@ respect to each quantizer's output, an intermediate tensor of the graph. With se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -32,7 +33,7 @@ class TraceEstimate:
     ``trace``: the estimate of ``Tr(H)`` (the mean over probes); ``block_traces``: one estimate per
     input tensor (they sum to ``trace``); ``probes``: how many probes were drawn; ``converged``:
     whether the stopping rule fired before ``max_probes``; ``history``: the running mean after each
-    probe.
+    probe; ``block_samples``: ``v_i^T (H v)_i`` of every probe (rows) and block (columns).
     """
 
     trace: float
@@ -40,6 +41,17 @@ class TraceEstimate:
     probes: int
     converged: bool
     history: list[float] = field(repr=False)
+    block_samples: list[list[float]] = field(default_factory=list, repr=False)
+
+    @property
+    def block_std_errors(self) -> list[float]:
+        """The standard error of each block's trace, the probes' sample standard deviation over
+        ``sqrt(probes)`` (``nan`` with a single probe)."""
+        k = len(self.block_samples)
+        if k < 2:
+            return [float("nan")] * len(self.block_traces)
+        columns = list(zip(*self.block_samples))
+        return [math.sqrt(sum((x - sum(c) / k) ** 2 for x in c) / (k - 1) / k) for c in columns]
 
 
 def _check_graph(loss, inputs) -> list[torch.Tensor]:
@@ -118,15 +130,16 @@ def hutchinson_trace(loss: torch.Tensor, inputs: Sequence[torch.Tensor], max_pro
     grads = gradient_graph(loss, inputs)
     sums = [0.0] * len(inputs)
     history: list[float] = []
+    samples: list[list[float]] = []
     converged = False
     for k in range(1, max_probes + 1):
         vectors = [rademacher_like(t, generator) for t in inputs]
         products = hessian_vector_product(grads, inputs, vectors)
-        for i, (v, hv) in enumerate(zip(vectors, products)):
-            sums[i] += float((v * hv).sum())
+        samples.append([float((v * hv).sum()) for v, hv in zip(vectors, products)])
+        sums = [s + x for s, x in zip(sums, samples[-1])]
         history.append(sum(sums) / k)
         if k >= max(min_probes, 2) and abs(history[-1] - history[-2]) <= tol * (abs(history[-2]) + 1e-6):
             converged = True
             break
     probes = len(history)
-    return TraceEstimate(history[-1], [s / probes for s in sums], probes, converged, history)
+    return TraceEstimate(history[-1], [s / probes for s in sums], probes, converged, history, samples)

@@ -57,13 +57,21 @@ def test_hutchinson_trace_is_within_its_standard_error_of_the_exact_trace():
     variance = 2 * ((H**2).sum() - (H.diagonal() ** 2).sum()).item()
     assert abs(estimate.trace - H.trace().item()) < 4 * math.sqrt(variance / probes)
     # block traces: one per parameter tensor, against the exact diagonal blocks
-    start = 0
+    start, errors = 0, []
     for block, size in zip(estimate.block_traces, sizes):
         exact = H[start:start + size, start:start + size].trace().item()
         block_var = 2 * sum((H[i, j] ** 2).item() for i in range(start, start + size)
                             for j in range(H.shape[0]) if j != i)
         assert abs(block - exact) < 4 * math.sqrt(block_var / probes) + 1e-6
+        # the exact variance of one block sample: 4 H_jk^2 per pair inside the block, H_jk^2 across
+        inside = H[start:start + size, start:start + size]
+        across = (H[start:start + size] ** 2).sum() - (inside**2).sum()
+        exact_var = 2 * ((inside**2).sum() - (inside.diagonal() ** 2).sum()) + across
+        standard_error = estimate.block_std_errors[len(errors)]
+        errors.append((standard_error, math.sqrt(exact_var.item() / probes)))
         start += size
+    for measured, exact in errors:
+        assert measured == pytest.approx(exact, rel=0.15, abs=1e-9)
     assert sum(estimate.block_traces) == pytest.approx(estimate.trace, rel=1e-6)
 
 
@@ -74,6 +82,9 @@ def test_a_diagonal_hessian_is_exact_with_one_probe_and_intermediate_tensors_wor
     loss = (h**3).sum() / 6              # d2/dh2 = h on the diagonal, 0 elsewhere
     estimate = hutchinson_trace(loss, [h], max_probes=1)
     assert estimate.trace == pytest.approx(h.sum().item(), rel=1e-5, abs=1e-5)
+    assert math.isnan(estimate.block_std_errors[0])  # one probe: no spread to measure
+    exact = hutchinson_trace(loss, [h], max_probes=4, tol=0.0)
+    assert exact.block_std_errors[0] < 1e-5 * abs(exact.trace)  # a diagonal H: every probe agrees
 
 
 def test_stopping_rule_and_linear_losses():
