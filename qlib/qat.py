@@ -16,7 +16,7 @@ by default, as the papers do. :func:`calibrate_quantizers` sets the quantizers' 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +196,10 @@ def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callabl
         ``"apot+ewgs"``, ...; see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS` and
         :mod:`qlib.quantizers.registry`), or instead factories ``weight(bits, module) -> Quantizer``
         and ``act(bits, signed) -> Quantizer``.
-    bits, act_bits : int
-        Weight and activation bit widths (``act_bits`` defaults to ``bits``).
+    bits, act_bits : int or mapping
+        Weight and activation bit widths (``act_bits`` defaults to ``bits``); for mixed precision
+        a mapping from each layer's name to its width, which must name every conv and linear
+        layer that ``first_last_bits`` does not set, and no other.
     first_last_bits : int or None
         Bit width of the first and last layer (weights and inputs); ``None`` treats them like
         the others.
@@ -212,8 +214,7 @@ def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callabl
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    bits = check_bits(bits)
-    act_bits = bits if act_bits is None else check_bits(act_bits, "act_bits")
+    act_bits = bits if act_bits is None else act_bits
     edge_bits = None if first_last_bits is None else check_bits(first_last_bits, "first_last_bits")
     check_bool(per_channel, "per_channel")
     for role, method in (("weight", weight), ("act", act)):
@@ -226,14 +227,17 @@ def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callabl
         lambda b, m: make_quantizer(weight, b, "weight", per_channel=per_channel))
     make_act = act if callable(act) else (lambda b, signed: make_quantizer(act, b, "act", signed=signed))
 
-    prepared = copy.deepcopy(model)
-    targets = [(n, m) for n, m in prepared.named_modules() if type(m) in _TWINS]
+    targets = [n for n, m in model.named_modules() if type(m) in _TWINS]
     if not targets:
         raise ValueError("model has no Conv1d, Conv2d or Linear layer to quantize")
+    edges = {targets[0], targets[-1]} if edge_bits is not None else set()
+    weight_bits = _layer_bits(bits, "bits", [n for n in targets if n not in edges])
+    input_bits = _layer_bits(act_bits, "act_bits", [n for n in targets if n not in edges])
+    prepared = copy.deepcopy(model)
+    targets = [(n, prepared.get_submodule(n)) for n in targets]
     signed_inputs = _signed_inputs(prepared, targets, example_input)
-    for i, (name, module) in enumerate(targets):
-        edge = edge_bits is not None and i in (0, len(targets) - 1)
-        w_bits, a_bits = (edge_bits, edge_bits) if edge else (bits, act_bits)
+    for name, module in targets:
+        w_bits, a_bits = (edge_bits, edge_bits) if name in edges else (weight_bits[name], input_bits[name])
         weight_q, input_q = make_weight(w_bits, module), make_act(a_bits, signed_inputs[name])
         bn_name = _following_batchnorm(prepared, name) if check_bool(fold_bn, "fold_bn") else None
         if bn_name is not None:
@@ -242,6 +246,18 @@ def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callabl
         else:
             _set_submodule(prepared, name, _quantized_twin(module, weight_q, input_q))
     return prepared
+
+
+def _layer_bits(bits, name: str, layers: list[str]) -> dict[str, int]:
+    """One bit width per layer from an int (all alike) or a mapping that names exactly ``layers``."""
+    if not isinstance(bits, Mapping):
+        width = check_bits(bits, name)
+        return {layer: width for layer in layers}
+    missing, unknown = [n for n in layers if n not in bits], [n for n in bits if n not in layers]
+    if missing or unknown:
+        raise ValueError(f"{name} must give a width to exactly the layers {layers} (the first and last are "
+                         f"first_last_bits' unless it is None); missing {missing}, not expected {unknown}")
+    return {layer: check_bits(bits[layer], f"{name}[{layer!r}]") for layer in layers}
 
 
 def _following_batchnorm(model: nn.Module, name: str) -> str | None:

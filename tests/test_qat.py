@@ -238,3 +238,44 @@ def test_prepare_with_fold_bn_and_export(digits):
     assert agreement >= 0.95
     with pytest.raises(TypeError, match="QuantConvBn needs a Conv1d/Conv2d"):
         qat.QuantConvBn(nn.Linear(2, 2), nn.BatchNorm1d(2), make_quantizer("minmax", 4, "weight"), None)
+
+
+@pytest.mark.slow  # trains a network
+def test_mixed_precision_layers_keep_their_own_grids_through_the_integer_engine(digits, float_small_cnn):
+    from qlib import engine, sensitivity
+
+    names = sensitivity.weight_layers(float_small_cnn)
+    inner = names[1:-1]
+    weight_bits = dict(zip(inner, [2, 4, 3, 8, 2, 4, 3][:len(inner)]))
+    act_bits = dict(zip(inner, [8, 3, 4, 2, 4, 8, 3][:len(inner)]))
+    prepared = qat.prepare(float_small_cnn, "lsq", "lsq+", bits=weight_bits, act_bits=act_bits,
+                           example_input=digits.x_train[:64])
+    for name in names:
+        layer = prepared.get_submodule(name)
+        assert layer.weight_quantizer.bits == weight_bits.get(name, 8)
+        assert layer.input_quantizer.bits == act_bits.get(name, 8)
+    qat.calibrate_quantizers(prepared, [digits.x_train[:200]])
+    train(prepared, digits, TrainConfig(epochs=2, batch_size=32, lr=1e-2), seed=0, progress=False)
+    prepared.eval()
+    network = engine.convert(prepared, [digits.x_train[:200]])
+    layers = network.layers()
+    sizes = sensitivity.layer_sizes(float_small_cnn)
+    for op, name in zip(layers, names):
+        bits = weight_bits.get(name, 8)
+        assert op.weight_bits == bits
+        span = int(op.weight.to(torch.int64).max() - op.weight.to(torch.int64).min()) + 1
+        assert span <= 2**bits  # per layer, no more codes than its grid has
+        assert op.inp.qmax - op.inp.qmin + 1 == 2 ** act_bits.get(name, 8)  # its input grid's clamps
+    assert network.packed_weight_bits() == {op.name: sizes[n] * weight_bits.get(n, 8) for op, n in zip(layers, names)}
+    for error in network.layer_errors(network.quantize_input(digits.x_test)).values():
+        assert error.max() <= 1
+    with torch.no_grad():
+        fake_quant = prepared(digits.x_test)
+    integer = network(digits.x_test)
+    assert (fake_quant.argmax(1) == integer.argmax(1)).float().mean().item() >= 0.9
+    with pytest.raises(ValueError, match="missing"):
+        qat.prepare(float_small_cnn, bits={inner[0]: 4})
+    with pytest.raises(ValueError, match="not expected"):
+        qat.prepare(float_small_cnn, bits={**weight_bits, names[0]: 4})
+    with pytest.raises(ValueError, match="bits"):
+        qat.prepare(float_small_cnn, bits={**weight_bits, inner[0]: 1})

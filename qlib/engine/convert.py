@@ -69,12 +69,14 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
     modules = dict(gm.named_modules())
     _check_supported(list(gm.graph.nodes), modules)
     exported = {}  # QAT layers: their weights as integers, batch norm folded in
+    weight_bits = {}  # and their grids' bit widths (mixed precision: one per layer)
     for target, module in modules.items():
         if not isinstance(module, QuantLayer):
             continue
         export = _exported_weights(model, target, factors)
         if export is not None:
             exported[target] = export
+            weight_bits[target] = _active_quantizer(model.get_submodule(target), "weight_quantizer").bits
             # Calibrate the folded copy with exactly the weights the engine will use (its weight quantizer
             # learned the unfolded weights' grid and must not re-quantize the folded ones).
             with torch.no_grad():
@@ -148,6 +150,7 @@ def convert(model: nn.Module, calibration, activation_dtype: str = "uint8", per_
             ins = [input_for(node, ins[0])]
             op = _layer_op(node.name, ins, module, specs[ins[0]], spec(out_name), activation, per_channel,
                            exported.get(node.target))
+            op.weight_bits = weight_bits.get(node.target, 8)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
             op = IntAdd(node.name, ins, specs[ins[0]], specs[ins[1]], spec(out_name), activation)
         elif _activation_of(node, modules):

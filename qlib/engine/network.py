@@ -88,6 +88,13 @@ class IntegerNetwork:
         """The weighted operations (conv/linear layers, multiplier or shift-add), in order."""
         return [op for op in self.ops if isinstance(op, (IntLayer, IntShiftAdd))]
 
+    def packed_weight_bits(self) -> dict[str, int]:
+        """Per weighted layer, the bits its weight codes take packed at the layer's own width
+        (``weight_bits`` per weight, what a deployment stores; the int8 containers here hold one
+        code per byte whatever the width). Biases are not included (32 bits each)."""
+        return {op.name: (op.weight if isinstance(op, IntLayer) else op.weight_codes).numel() * op.weight_bits
+                for op in self.layers()}
+
     def weight_bytes(self) -> int:
         """Bytes of int8 weight codes and int32 biases (one byte per weight, as stored)."""
         return sum((op.weight if isinstance(op, IntLayer) else op.weight_codes).numel() + 4 * op.bias.numel()

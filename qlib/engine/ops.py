@@ -134,6 +134,9 @@ class IntLayer(_Requantizing):
     ``(stride, padding, dilation, groups)`` of a convolution, ``None`` for a linear layer.
     """
 
+    #: The bit width of the weight grid (set by :func:`qlib.engine.convert`; the codes sit in int8).
+    weight_bits: int = 8
+
     def __init__(self, name, inputs, weight_codes: torch.Tensor, weight_zero_points, weight_scales, bias,
                  in_spec: ActSpec, out_spec: ActSpec, activation: str | None, conv=None, fine_bias: bool = False):
         self.name, self.inputs, self.inp, self.out, self.activation = name, list(inputs), in_spec, out_spec, activation
@@ -243,6 +246,9 @@ class IntShiftAdd(_Requantizing):
     like any layer. ``weight_scales``: one scale, or one per output channel (a folded batch norm);
     the weight zero-point is 0.
     """
+
+    #: The bit width of the weight grid (set by :func:`qlib.engine.convert`).
+    weight_bits: int = 8
 
     def __init__(self, name, inputs, weight_codes: torch.Tensor, weight_scales, bias, in_spec: ActSpec,
                  out_spec: ActSpec, activation: str | None, conv=None):
