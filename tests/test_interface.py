@@ -215,3 +215,25 @@ def test_half_straight_through_halves_the_gradient_and_zero_free_grids_have_no_z
     assert (export.codes != 0).all() and torch.allclose(export.dequantize().float(), out, atol=1e-6)
     assert isinstance(make_quantizer("apot-nozero", 4, "act"), APoT)
     assert make_quantizer("apot-nozero", 4, "act").grid == "apot"
+
+
+@pytest.mark.parametrize("step, offset", [(0.7, -1.3), (-0.7, -1.3), (0.5, 40.0), (0.5, -40.0), (1e-12, 0.3)],
+                         ids=["inside", "negative step", "zero-point clamped low", "clamped high", "tiny step"])
+def test_lsq_plus_fused_form_equals_the_readable_one_in_every_regime(step, offset):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, generator=g) * 3
+    upstream = torch.randn(3, 7, generator=g)
+    fused, readable = LSQPlus(3, signed=False), LSQPlus(3, signed=False, rounding=ReadableSTE())
+    for q in (fused, readable):
+        q(x)
+        with torch.no_grad():
+            q.step.fill_(step)
+            q.offset.fill_(offset)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = fused(xa), readable(xb)
+    assert torch.equal(ya, yb)
+    (ya * upstream).sum().backward()
+    (yb * upstream).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)  # autograd's is g * s / s, not exactly g
+    for pa, pb in ((fused.step, readable.step), (fused.offset, readable.offset)):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-6), (pa.grad, pb.grad)

@@ -16,7 +16,7 @@ from torch import nn
 from .._checks import check_choice, check_float, check_int
 from ..affine import SCHEMES, QuantParams, scale_zero_point
 from ..observers import MinMaxObserver, MovingAverageObserver
-from .base import Quantizer, Rounding, clamp_round, round_ste, scale_gradient
+from .base import STE, Quantizer, Rounding, clamp_round, round_ste, scale_gradient
 from .clip import mse_clip_range, mse_step
 
 __all__ = ["RangeFakeQuantizer", "PACT", "LSQ", "LSQPlus", "RANGE_MODES"]
@@ -181,6 +181,55 @@ class LSQ(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class _LSQPlusSTE(torch.autograd.Function):
+    """LSQ+'s straight-through fake quantization as one autograd node, from the raw parameters.
+
+    The same values and gradients as autograd through :meth:`LSQPlus.fake_quantize`'s readable
+    form (tests check it), without its dozen scalar operations and their backward nodes (a
+    training step on a small network is overhead-bound). With ``s = max(|step|, MIN_STEP)``,
+    ``Z = clamp(round(-beta / s), Qn, Qp)``, ``v = x / s`` and the code ``q = round(clamp(v, Qn - Z,
+    Qp - Z))``, the output is ``q s`` and, ``g`` being LSQ's gradient scale::
+
+        dy/dx    = 1 inside (Qn - Z <= v <= Qp - Z), else 0
+        dL/ds    = g [sum dL/dy (q - v inside) - s zmask (beta / s^2) sum_outside dL/dy]
+        dL/dbeta = g zmask sum_outside dL/dy
+
+    (``zmask``: whether ``round(-beta / s)`` is inside ``[Qn, Qp]``, the zero-point clamp's gradient),
+    and ``dL/dstep = sign(step) dL/ds`` where ``|step| >= MIN_STEP``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, offset, qn, qp, gradient_scale, min_step):
+        s = step.abs().clamp(min=min_step)
+        unclamped = torch.round(-offset / s)
+        zero_point = unclamped.clamp(qn, qp)
+        lo, hi = qn - zero_point, qp - zero_point
+        v = x / s
+        q = torch.clamp(v, lo, hi).round_()
+        ctx.save_for_backward(step, offset, s, unclamped, v, q, lo, hi)
+        ctx.qn, ctx.qp, ctx.gradient_scale, ctx.min_step = qn, qp, gradient_scale, min_step
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        step, offset, s, unclamped, v, q, lo, hi = ctx.saved_tensors
+        below, above = v < lo, v > hi
+        outside = below | above
+        grad_x = grad.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
+        clipped = grad.masked_fill(~outside, 0.0).sum()
+        zmask = float(ctx.qn <= float(unclamped) <= ctx.qp)
+        g = ctx.gradient_scale
+        grad_step = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            direct = (grad * torch.where(outside, q, q - v)).sum()
+            through_zero_point = -s * zmask * (offset / s**2) * clipped
+            passes = float(step.abs() >= ctx.min_step)
+            grad_step = g * (direct + through_zero_point) * torch.sign(step) * passes
+        if ctx.needs_input_grad[2]:
+            grad_offset = g * zmask * clipped
+        return grad_x, grad_step, grad_offset, None, None, None, None
+
+
 class LSQPlus(LSQ):
     """LSQ+ (Bhalgat et al. 2020): LSQ with a learned offset ``beta`` for asymmetric activations.
 
@@ -210,6 +259,8 @@ class LSQPlus(LSQ):
     def fake_quantize(self, x):
         qn, qp = self.code_range
         g = self.gradient_scale(x)
+        if type(self.rounding) is STE and self.rounding.scale == 1.0:  # the fused form, same numbers
+            return _LSQPlusSTE.apply(x, self.step, self.offset, qn, qp, g, self.MIN_STEP)
         step = scale_gradient(self.positive_step(), g)
         # the zero-point is one number: its rounding is always straight-through
         zero_point = torch.clamp(round_ste(-scale_gradient(self.offset, g) / step), qn, qp)
