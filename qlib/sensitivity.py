@@ -208,7 +208,6 @@ def hessian_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Se
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
     out = {}
     for n, w, trace, error in zip(names, weights, estimate.block_traces, estimate.block_std_errors):
         out[n] = {"trace": trace, "std_error": error, "n": w.numel(), "mean_trace": trace / w.numel(),

@@ -111,22 +111,20 @@ class _ClampRoundSTE(torch.autograd.Function):
     The same values and gradients as autograd through ``STE()(torch.clamp(x / step, lo, hi)) * step``
     (tests check it), in fewer passes over the tensor: ``d/dx = 1`` where ``lo <= x / step <= hi``
     and 0 outside; ``d/d step`` is ``round(v) - v`` inside and the clamped value outside (``v = x /
-    step``), summed to the step's shape and multiplied by ``gradient_scale`` (LSQ's ``g``); where
-    the bounds carry gradients (LSQ+'s learned zero-point moves them), ``d/d lo = step`` where ``v <
-    lo`` and ``d/d hi = step`` where ``v > hi``, as ``torch.clamp`` has them.
+    step``), summed to the step's shape and multiplied by ``gradient_scale`` (LSQ's ``g``).
     """
 
     @staticmethod
     def forward(ctx, x, step, lo, hi, gradient_scale):
         v = x / step
         q = torch.clamp(v, lo, hi).round_()
-        ctx.save_for_backward(v, q, lo, hi, step)
+        ctx.save_for_backward(v, q, lo, hi)
         ctx.step_shape, ctx.gradient_scale = step.shape, gradient_scale
         return q * step
 
     @staticmethod
     def backward(ctx, grad):
-        v, q, lo, hi, step = ctx.saved_tensors
+        v, q, lo, hi = ctx.saved_tensors
         inside = (v >= lo) & (v <= hi)
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_step = None
@@ -134,12 +132,7 @@ class _ClampRoundSTE(torch.autograd.Function):
             local = grad * torch.where(inside, q - v, q)
             summed = local.sum() if len(ctx.step_shape) == 0 else local.sum_to_size(ctx.step_shape)
             grad_step = summed * ctx.gradient_scale
-        grad_lo = grad_hi = None
-        if ctx.needs_input_grad[2]:
-            grad_lo = (grad * (v < lo) * step).sum_to_size(lo.shape)
-        if ctx.needs_input_grad[3]:
-            grad_hi = (grad * (v > hi) * step).sum_to_size(hi.shape)
-        return grad_x, grad_step, grad_lo, grad_hi, None
+        return grad_x, grad_step, None, None, None
 
 
 def clamp_round(x: torch.Tensor, step: torch.Tensor, lo, hi, rounding: Rounding,

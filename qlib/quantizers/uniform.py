@@ -264,8 +264,7 @@ class LSQPlus(LSQ):
         step = scale_gradient(self.positive_step(), g)
         # the zero-point is one number: its rounding is always straight-through
         zero_point = torch.clamp(round_ste(-scale_gradient(self.offset, g) / step), qn, qp)
-        # the bounds carry the zero-point's gradient; clamp_round fuses the plain STE case
-        return clamp_round(x, step, qn - zero_point, qp - zero_point, self.rounding)
+        return self.rounding(torch.clamp(x / step, qn - zero_point, qp - zero_point)) * step
 
     def _zero_point(self) -> int:
         qmin, qmax = self.code_range
