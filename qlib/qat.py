@@ -196,7 +196,7 @@ def prepare(model: nn.Module, weight: str | Callable = "lsq", act: str | Callabl
         ``"apot+ewgs"``, ...; see :data:`WEIGHT_METHODS`, :data:`ACT_METHODS` and
         :mod:`qlib.quantizers.registry`), or instead factories ``weight(bits, module) -> Quantizer``
         and ``act(bits, signed) -> Quantizer``.
-    bits, act_bits : int or mapping
+    bits, act_bits : int or Mapping
         Weight and activation bit widths (``act_bits`` defaults to ``bits``); for mixed precision
         a mapping from each layer's name to its width, which must name every conv and linear
         layer that ``first_last_bits`` does not set, and no other.
