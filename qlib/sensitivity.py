@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -266,8 +267,9 @@ def _problem(costs, sizes, size_budget, macs, act_bits, bitops_budget):
                              f"{sorted(costs[n])}")
         if not all(math.isfinite(c) for c in costs[n].values()):
             raise ValueError(f"costs of {n!r} must be finite, got {costs[n]}")
-    if size_budget is not None and not (isinstance(size_budget, (int, float)) and size_budget >= 0):
-        raise ValueError(f"size_budget must be a non-negative number of bits, got {size_budget!r}")
+    for name, budget in (("size_budget", size_budget), ("bitops_budget", bitops_budget)):
+        if budget is not None and not (isinstance(budget, numbers.Real) and budget >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {budget!r}")
     if (bitops_budget is None) != (macs is None) or (macs is None) != (act_bits is None):
         raise ValueError("a BitOps budget needs macs, act_bits and bitops_budget together")
     if macs is not None:

@@ -175,6 +175,9 @@ def test_allocation_by_hand_and_its_edges():
     assert allocation.bits == {"a": 8, "b": 2} and allocation.size == 280 and allocation.cost == pytest.approx(0.3)
     assert sensitivity.allocate_bits(costs, sizes).bits == {"a": 8, "b": 8}  # no budget: the most bits
     assert sensitivity.allocate_bits(costs, sizes, 220).bits == {"a": 2, "b": 2}  # the only fit
+    assert sensitivity.allocate_bits(costs, sizes, np.int64(280)).bits == {"a": 8, "b": 2}  # NumPy numbers too
+    with pytest.raises(ValueError, match="size_budget must be a non-negative number"):
+        sensitivity.allocate_bits(costs, sizes, "280")
     with pytest.raises(ValueError, match="below the smallest"):
         sensitivity.allocate_bits(costs, sizes, 219)
     with pytest.raises(ValueError, match="same bit widths"):
