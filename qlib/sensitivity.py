@@ -37,6 +37,7 @@ from ._checks import check_bits, check_int
 from .affine import qrange
 from .hessian import hutchinson_trace
 from .quantizers import mse_step
+from .train import accuracy, predict
 
 __all__ = ["weight_layers", "layer_sizes", "layer_macs", "quantize_weight", "weight_perturbations",
            "measured_sensitivity", "hessian_traces", "omega", "model_size_bits", "bit_operations",
@@ -141,15 +142,9 @@ def _check_data(x, y):
         raise ValueError("x and y must be non-empty tensors of the same length")
 
 
-@torch.no_grad()
-def _loss_and_accuracy(model, x, y, batch_size=1000):
-    loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    return loss / len(x), 100.0 * correct / len(x)
+def _loss_and_accuracy(model, x, y):
+    logits = predict(model, x)
+    return float(F.cross_entropy(logits, y)), accuracy(logits, y)
 
 
 def measured_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequence[int],

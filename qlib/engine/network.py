@@ -92,13 +92,15 @@ class IntegerNetwork:
         """Per weighted layer, the bits its weight codes take packed at the layer's own width
         (``weight_bits`` per weight, what a deployment stores; the int8 containers here hold one
         code per byte whatever the width). Biases are not included (32 bits each)."""
-        return {op.name: (op.weight if isinstance(op, IntLayer) else op.weight_codes).numel() * op.weight_bits
-                for op in self.layers()}
+        return {op.name: _weight_codes(op).numel() * op.weight_bits for op in self.layers()}
 
     def weight_bytes(self) -> int:
         """Bytes of int8 weight codes and int32 biases (one byte per weight, as stored)."""
-        return sum((op.weight if isinstance(op, IntLayer) else op.weight_codes).numel() + 4 * op.bias.numel()
-                   for op in self.layers())
+        return sum(_weight_codes(op).numel() + 4 * op.bias.numel() for op in self.layers())
+
+
+def _weight_codes(op: IntLayer | IntShiftAdd) -> torch.Tensor:
+    return op.weight if isinstance(op, IntLayer) else op.weight_codes
 
 
 class DtypeRecorder(TorchFunctionMode):
