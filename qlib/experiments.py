@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -236,12 +237,16 @@ class Run:
     (post-training quantization with the same grids), and ``post_training`` (a :class:`PTQRecipe`)
     runs chapter 9's post-training pipeline instead of training. ``model_kwargs`` (pairs) change the network
     (e.g. its widths); ``label`` names the run in tables and is not part of its identity.
+
+    ``bits`` is one weight width for every inner layer or, for mixed precision (chapter 10), a
+    mapping from each inner layer's name to its width (:func:`qlib.qat.prepare`); it is kept as
+    sorted ``(name, bits)`` pairs, so the same allocation is the same run however it was written.
     """
 
     network: str
     weight: str
     act: str | None = None
-    bits: int = 4
+    bits: int | tuple = 4
     act_bits: int | None = None
     seed: int = 0
     recipe: QATRecipe = QATRecipe()
@@ -258,7 +263,18 @@ class Run:
             raise ValueError(f"network must be one of {sorted(RECIPES)}, got {self.network!r}")
         parse_method(self.weight)
         parse_method(self.act or self.weight)
-        check_bits(self.bits)
+        if isinstance(self.bits, (Mapping, tuple)):
+            pairs = tuple(sorted(dict(self.bits).items()))
+            if not pairs or not all(isinstance(n, str) for n, _ in pairs):
+                raise ValueError(f"bits must be an int or a non-empty mapping from layer names to widths, "
+                                 f"got {self.bits!r}")
+            for n, b in pairs:
+                check_bits(b, f"bits[{n!r}]")
+            object.__setattr__(self, "bits", pairs)
+            if self.act_bits is None:
+                raise ValueError("a mixed-precision run (bits a mapping) needs act_bits")
+        else:
+            check_bits(self.bits)
         if self.act_bits is not None:
             check_bits(self.act_bits, "act_bits")
         check_int(self.seed, "seed", 0)
@@ -267,15 +283,33 @@ class Run:
         if self.post_training is not None:
             if not isinstance(self.post_training, PTQRecipe):
                 raise TypeError(f"post_training must be a PTQRecipe, got {type(self.post_training).__name__}")
+            if self.mixed:
+                raise ValueError("a post_training run takes one weight width (bits an int), not a mapping")
             if (self.weight, self.act, self.ptq, self.fold_bn) != ("lsq", "lsq+", False, False):
                 raise ValueError("a post_training run uses qlib.ptq's grids: weight='lsq', act='lsq+', "
                                  "ptq=False, fold_bn=False")
 
     @property
+    def mixed(self) -> bool:
+        """Whether the inner layers' weight widths are given per layer."""
+        return isinstance(self.bits, tuple)
+
+    @property
+    def weight_bits(self) -> int | dict:
+        """The weight width for :func:`qlib.qat.prepare`: an int, or a dict per layer."""
+        return dict(self.bits) if self.mixed else self.bits
+
+    @property
+    def bits_name(self) -> str:
+        """``W2A4``; mixed precision names the widths it uses, ``W2/3/8A4``."""
+        weights = "/".join(map(str, sorted(set(dict(self.bits).values())))) if self.mixed else self.bits
+        return f"W{weights}A{self.act_bits or self.bits}"
+
+    @property
     def name(self) -> str:
         """The label, or a name made from the methods and bits."""
         methods = self.weight if (self.act or self.weight) == self.weight else f"{self.weight}/{self.act}"
-        return self.label or f"{methods} W{self.bits}A{self.act_bits or self.bits}"
+        return self.label or f"{methods} {self.bits_name}"
 
     def spec(self) -> dict:
         """Everything the result depends on (the cache key), the label excepted."""
@@ -341,7 +375,7 @@ def prepared_model(run: Run, dataset: Dataset | None = None) -> tuple[nn.Module,
         if "bias" in recipe.toolbox:
             ptq.correct_bias(quantized, [x])
         return float_model, quantized, dataset
-    prepared = qat.prepare(float_model, run.weight, run.act or run.weight, bits=run.bits, act_bits=run.act_bits,
+    prepared = qat.prepare(float_model, run.weight, run.act or run.weight, bits=run.weight_bits, act_bits=run.act_bits,
                            first_last_bits=run.first_last_bits, per_channel=run.per_channel,
                            example_input=dataset.x_train[:64], fold_bn=run.fold_bn)
     qat.calibrate_quantizers(prepared, dataset.calibration_batches(run.recipe.calibration_images))
@@ -517,7 +551,7 @@ class Results:
         rows = []
         for run, result in zip(self.runs, self.results):
             row = {"label": run.name, "network": run.network, "weight": run.weight, "act": run.act or run.weight,
-                   "bits": f"W{run.bits}A{run.act_bits or run.bits}", "seed": run.seed,
+                   "bits": run.bits_name, "seed": run.seed,
                    "epochs": 0 if run.post_training else run.recipe.epochs, "lr": run.recipe.lr}
             row.update({c: result[c] for c in self.COLUMNS})
             if "soft_test" in result:  # a reconstruction: accuracy before its decisions were made hard

@@ -13,7 +13,9 @@ With a cost per layer and bit width, :func:`allocate_bits` chooses ``b_i`` from 
 minimise ``sum_i cost_i(b_i)`` subject to a size budget ``sum_i n_i b_i <= budget`` (and,
 optionally, a BitOps budget ``sum_i MACs_i b_i a_i``): an integer linear program, solved exactly
 by SciPy's ``milp`` (HiGHS). :func:`brute_force_allocation` enumerates every allocation, the check
-on small networks.
+on small networks. :func:`frontier` traces the optimum over a range of budgets (the Pareto
+frontier of predicted cost against size), :func:`random_allocation` draws the control: a random
+allocation of about the same size.
 
 Weights are quantized as post-training quantization does (chapter 9): batch norms folded, one
 least-squared-error step per output channel, round to nearest (:func:`quantize_weight`).
@@ -41,7 +43,8 @@ from .train import accuracy, predict
 
 __all__ = ["weight_layers", "layer_sizes", "layer_macs", "quantize_weight", "weight_perturbations",
            "measured_sensitivity", "hessian_traces", "omega", "model_size_bits", "bit_operations",
-           "Allocation", "allocate_bits", "brute_force_allocation", "rank_agreement"]
+           "Allocation", "allocate_bits", "brute_force_allocation", "frontier", "random_allocation",
+           "rank_agreement"]
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -338,6 +341,42 @@ def brute_force_allocation(costs: Mapping[str, Mapping[int, float]], sizes: Mapp
         if best is None or candidate.cost < best.cost:
             best = candidate
     return best
+
+
+def frontier(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
+             budgets: Sequence[float]) -> list[Allocation]:
+    """The optimal allocation (:func:`allocate_bits`) at each size budget, in order of size, each
+    allocation once: the Pareto frontier of predicted cost against size (no allocation on it can be
+    made smaller without costing more)."""
+    budgets = sorted(float(b) for b in budgets)
+    if not budgets:
+        raise ValueError("budgets must hold at least one size budget")
+    found = {}
+    for budget in budgets:
+        allocation = allocate_bits(costs, sizes, budget)
+        found.setdefault(tuple(sorted(allocation.bits.items())), allocation)
+    return sorted(found.values(), key=lambda a: (a.size, a.cost))
+
+
+def random_allocation(sizes: Mapping[str, int], choices: Sequence[int], size_budget: float,
+                      generator: np.random.Generator) -> dict[str, int]:
+    """A bit width per layer drawn uniformly from every allocation whose size is at most
+    ``size_budget`` and within the smallest layer's size of it: the random control at (about) the
+    budget's size. Enumerates the allocations (refused above a million)."""
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(f"generator must be a numpy.random.Generator, got {type(generator).__name__}")
+    choices = sorted(_check_choices(choices))
+    costs = {n: {b: 0.0 for b in choices} for n in sizes}
+    layers, choices = _problem(costs, sizes, size_budget, None, None, None)
+    if len(choices) ** len(layers) > 10**6:
+        raise ValueError(f"{len(choices)}^{len(layers)} allocations are too many to enumerate")
+    slack = min(sizes.values())
+    table = np.array(list(itertools.product(choices, repeat=len(layers))))
+    total = table @ np.array([sizes[n] for n in layers])
+    near = np.flatnonzero((total <= size_budget) & (total > size_budget - slack))
+    if len(near) == 0:
+        raise ValueError(f"no allocation has a size within {slack} bits below size_budget {size_budget}")
+    return {n: int(b) for n, b in zip(layers, table[generator.choice(near)])}
 
 
 def rank_agreement(measured: Sequence[float], proxy: Sequence[float]) -> dict[str, float]:

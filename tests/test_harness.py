@@ -215,3 +215,33 @@ def test_the_float_accuracies_are_evaluated_once_per_network_and_data_set(tiny):
     other = load_digits(test_fraction=0.3)  # another data set object: evaluated afresh, on its own split
     third = execute(runs[0], other)[0]
     assert third["float_test"] == train.evaluate(train.pretrained("tiny", 0, data=other)[0], other)
+
+
+@pytest.mark.slow  # trains networks
+def test_a_mixed_precision_run_quantizes_each_layer_at_its_width(tiny):
+    # Tiny's inner layer is features.1.0 (the first and last stay at 8 bits)
+    mixed = Run("tiny", "lsq", "lsq", bits={"features.1.0": 2}, act_bits=4, recipe=FAST)
+    same = Run("tiny", "lsq", "lsq", bits=(("features.1.0", 2),), act_bits=4, recipe=FAST)
+    assert mixed == same and mixed.key() == same.key() and mixed.mixed and mixed.bits_name == "W2A4"
+    assert mixed.key() != Run("tiny", "lsq", "lsq", bits={"features.1.0": 3}, act_bits=4, recipe=FAST).key()
+    _, model, _ = experiments.prepared_model(mixed, tiny)
+    layers = dict(qat.quantized_layers(model))
+    assert layers["features.1.0"].weight_quantizer.bits == 2 and layers["features.1.0"].input_quantizer.bits == 4
+    assert layers["classifier"].weight_quantizer.bits == 8
+    # the same network as the uniform run with that width: a mapping is only a way to say it
+    uniform = Run("tiny", "lsq", "lsq", bits=2, act_bits=4, recipe=FAST)
+    assert cached_run(mixed, tiny)["test"] == pytest.approx(cached_run(uniform, tiny)["test"])
+    table = experiments.Results([mixed], [cached_run(mixed, tiny)]).table()
+    assert table.loc[0, "bits"] == "W2A4"
+
+
+def test_mixed_precision_runs_refuse_what_they_cannot_be():
+    with pytest.raises(ValueError, match="needs act_bits"):
+        Run("mnist1d_cnn", "lsq", bits={"features.1.0": 2})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        Run("mnist1d_cnn", "lsq", bits={}, act_bits=4)
+    with pytest.raises(ValueError, match=r"bits\['features.1.0'\]"):
+        Run("mnist1d_cnn", "lsq", bits={"features.1.0": 1}, act_bits=4)
+    with pytest.raises(ValueError, match="one weight width"):
+        Run("mnist1d_cnn", "lsq", "lsq+", bits={"features.1.0": 2}, act_bits=4,
+            post_training=experiments.PTQRecipe())

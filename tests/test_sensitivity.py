@@ -209,3 +209,38 @@ def test_brute_force_enumerates_every_allocation():
                 for c in itertools.product((2, 3, 4, 8), repeat=3)]
     best = min((sum(costs[n][b] for n, b in zip(sizes, c)) for c, size in feasible if size <= budget))
     assert sensitivity.brute_force_allocation(costs, sizes, budget).cost == pytest.approx(best)
+
+
+def test_the_frontier_is_the_optimum_at_each_budget_and_never_worse_when_larger():
+    costs, sizes, _, _ = _instance(3, 4)
+    smallest, largest = sum(sizes.values()) * 2, sum(sizes.values()) * 8
+    budgets = np.linspace(smallest, largest, 25)
+    points = sensitivity.frontier(costs, sizes, budgets)
+    for budget in budgets:  # every budget's optimum is on it
+        exact = sensitivity.brute_force_allocation(costs, sizes, budget)
+        assert any(p.cost == pytest.approx(exact.cost) and p.size <= budget for p in points)
+    assert [p.size for p in points] == sorted(p.size for p in points)
+    assert all(a.cost > b.cost for a, b in zip(points, points[1:]))  # larger and cheaper: Pareto
+    assert len({tuple(sorted(p.bits.items())) for p in points}) == len(points)
+    with pytest.raises(ValueError, match="budgets"):
+        sensitivity.frontier(costs, sizes, [])
+
+
+def test_random_allocations_are_uniform_over_those_near_the_budget():
+    sizes = {"a": 10, "b": 20, "c": 30}
+    budget = 3 * 60  # three bits per weight on average
+    near = [c for c in itertools.product((2, 3, 4, 8), repeat=3)
+            if budget - 10 < sum(s * b for s, b in zip(sizes.values(), c)) <= budget]
+    rng = np.random.default_rng(0)
+    draws = [tuple(sensitivity.random_allocation(sizes, (2, 3, 4, 8), budget, rng).values())
+             for _ in range(3000)]
+    assert set(draws) == set(near)
+    counts = np.array([draws.count(c) for c in near])
+    expected = len(draws) / len(near)
+    assert ((counts - expected) ** 2 / expected).sum() < 3 * len(near)  # chi-square, far from its tail
+    again = sensitivity.random_allocation(sizes, (2, 3, 4, 8), budget, np.random.default_rng(0))
+    assert tuple(again.values()) == draws[0]  # seeded
+    with pytest.raises(TypeError, match="generator"):
+        sensitivity.random_allocation(sizes, (2, 4), budget, 0)
+    with pytest.raises(ValueError, match="below the smallest"):
+        sensitivity.random_allocation(sizes, (2, 4), 100, rng)
