@@ -19,7 +19,7 @@ from .fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
 __all__ = ["publish", "use_book_style", "draw_quantization", "quantization_explorer", "draw_channel_ranges",
            "granularity_explorer", "draw_multiplier", "multiplier_explorer", "draw_lsb_histogram",
-           "draw_rounding_objective", "rounding_explorer", "BOOK_STYLE"]
+           "draw_rounding_objective", "rounding_explorer", "draw_allocation", "allocation_explorer", "BOOK_STYLE"]
 
 BOOK_STYLE = {
     # Opaque white backgrounds, so figures stay readable on the book's dark theme.
@@ -283,6 +283,62 @@ def rounding_explorer(lam: float = 0.01, beta: float = 20.0):
                                    step=0.1, description="λ"),
         beta=widgets.FloatSlider(value=check_float(beta, "beta", 0.0, low_open=True), min=1.0, max=20.0,
                                  step=0.5, description="β"))
+
+
+def draw_allocation(costs: dict, sizes: dict, average_bits: float, ax=None):
+    """The optimal bit width per layer (:func:`qlib.sensitivity.allocate_bits`) at a size budget of
+    ``average_bits`` per weight, as bars whose width is the layer's share of the weights.
+
+    Returns ``(figure, allocation)``.
+    """
+    from .sensitivity import allocate_bits
+
+    if not isinstance(sizes, dict) or not sizes:
+        raise ValueError("sizes must be a non-empty dict of layer name -> number of weights")
+    choices = sorted(next(iter(costs.values()))) if isinstance(costs, dict) and costs else []
+    if not choices:
+        raise ValueError("costs must be a non-empty dict of layer name -> {bits: cost}")
+    average_bits = check_float(average_bits, "average_bits", choices[0], choices[-1])
+    total = sum(sizes.values())
+    allocation = allocate_bits(costs, sizes, average_bits * total)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    else:
+        fig = ax.figure
+    left, centres = 0.0, []
+    for name, n in sizes.items():
+        share = n / total
+        ax.bar(left, allocation.bits[name], width=share, align="edge", edgecolor="white",
+               color=plt.cm.viridis((allocation.bits[name] - choices[0]) / max(1, choices[-1] - choices[0])))
+        centres.append(left + share / 2)
+        left += share
+    ax.axhline(allocation.size / total, color="black", ls="--", lw=1,
+               label=f"average {allocation.size / total:.2f} bits")
+    ax.set(xlim=(0, 1), ylim=(0, choices[-1] + 0.5), yticks=choices, ylabel="weight bits",
+           xlabel="layer (bar width: its share of the weights)",
+           title=f"budget {average_bits:.2f} bits per weight")
+    ax.set_xticks(centres)
+    ax.set_xticklabels(list(sizes), rotation=60, ha="right", fontsize=8)
+    ax.grid(False, axis="x")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig, allocation
+
+
+def allocation_explorer(costs: dict, sizes: dict, average_bits: float = 3.0):
+    """A slider for the size budget (bits per weight) over :func:`draw_allocation`."""
+    import ipywidgets as widgets
+
+    choices = sorted(next(iter(costs.values()))) if isinstance(costs, dict) and costs else []
+    if not choices:
+        raise ValueError("costs must be a non-empty dict of layer name -> {bits: cost}")
+
+    def show(average_bits):
+        draw_allocation(costs, sizes, average_bits)
+        plt.show()
+
+    return widgets.interactive(show, average_bits=widgets.FloatSlider(
+        value=check_float(average_bits, "average_bits", choices[0], choices[-1]), min=choices[0],
+        max=choices[-1], step=0.125, description="bits/weight"))
 
 
 def _lsb_differences(d, name: str) -> np.ndarray:

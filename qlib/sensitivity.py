@@ -303,6 +303,10 @@ def allocate_bits(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, 
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     layers, choices = _problem(costs, sizes, size_budget, macs, act_bits, bitops_budget)
+    # sizes and BitOps are integers: an integer bound is the same constraint, and it keeps the
+    # solver's feasibility tolerance from admitting an allocation a fraction of a bit too large
+    size_budget = None if size_budget is None else math.floor(size_budget)
+    bitops_budget = None if bitops_budget is None else math.floor(bitops_budget)
     L, B = len(layers), len(choices)
     c = np.array([costs[n][b] for n in layers for b in choices], dtype=np.float64)
     one_each = np.kron(np.eye(L), np.ones(B))
@@ -319,7 +323,11 @@ def allocate_bits(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, 
         raise ValueError(f"the integer program found no allocation: {result.message}")
     x = np.round(result.x).reshape(L, B)
     chosen = [choices[int(np.argmax(row))] for row in x]
-    return _allocation(layers, chosen, costs, sizes, macs, act_bits)
+    allocation = _allocation(layers, chosen, costs, sizes, macs, act_bits)
+    if (size_budget is not None and allocation.size > size_budget) or (
+            bitops_budget is not None and allocation.bitops > bitops_budget):
+        raise ValueError(f"the solver returned an allocation over the budget: {allocation}")
+    return allocation
 
 
 def brute_force_allocation(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
@@ -327,20 +335,24 @@ def brute_force_allocation(costs: Mapping[str, Mapping[int, float]], sizes: Mapp
                            act_bits: Mapping[str, int] | None = None,
                            bitops_budget: float | None = None) -> Allocation:
     """What :func:`allocate_bits` solves, by trying every allocation (``len(widths) ** layers`` of
-    them: for checking the solver on small networks; refused above a million)."""
+    them, as one table in NumPy: for checking the solver on small networks; refused above a
+    million)."""
     layers, choices = _problem(costs, sizes, size_budget, macs, act_bits, bitops_budget)
     if len(choices) ** len(layers) > 10**6:
         raise ValueError(f"{len(choices)}^{len(layers)} allocations are too many to enumerate")
-    best = None
-    for chosen in itertools.product(choices, repeat=len(layers)):
-        candidate = _allocation(layers, chosen, costs, sizes, macs, act_bits)
-        if size_budget is not None and candidate.size > size_budget:
-            continue
-        if bitops_budget is not None and candidate.bitops > bitops_budget:
-            continue
-        if best is None or candidate.cost < best.cost:
-            best = candidate
-    return best
+    # row k of `index` is allocation k: the position of each layer's width in `choices`
+    index = np.array(list(itertools.product(range(len(choices)), repeat=len(layers))), dtype=np.int64)
+    widths = np.asarray(choices, dtype=np.int64)[index]
+    cost_table = np.array([[costs[n][b] for b in choices] for n in layers], dtype=np.float64)
+    total = cost_table[np.arange(len(layers)), index].sum(axis=1)
+    feasible = np.ones(len(index), dtype=bool)
+    if size_budget is not None:
+        feasible &= widths @ np.array([sizes[n] for n in layers], dtype=np.int64) <= size_budget
+    if bitops_budget is not None:
+        per_bit = np.array([macs[n] * act_bits[n] for n in layers], dtype=np.int64)
+        feasible &= widths @ per_bit <= bitops_budget
+    best = int(np.flatnonzero(feasible)[np.argmin(total[feasible])])
+    return _allocation(layers, [int(b) for b in widths[best]], costs, sizes, macs, act_bits)
 
 
 def frontier(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],

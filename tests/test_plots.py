@@ -175,3 +175,22 @@ def plt_close():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_draw_allocation_shows_the_optimum_and_the_explorer_moves_it():
+    costs = {"a": {2: 5.0, 4: 1.0, 8: 0.0}, "b": {2: 0.3, 4: 0.2, 8: 0.0}}
+    sizes = {"a": 10, "b": 100}
+    fig, allocation = plots.draw_allocation(costs, sizes, 280 / 110)
+    assert allocation.bits == {"a": 8, "b": 2}  # the hand-solved case of tests/test_sensitivity.py
+    heights = sorted(p.get_height() for p in fig.axes[0].patches)
+    assert heights == [2, 8]
+    widths = sorted(round(p.get_width(), 6) for p in fig.axes[0].patches)
+    assert widths == [round(10 / 110, 6), round(100 / 110, 6)]  # bar width: the layer's share of weights
+    matplotlib.pyplot.close(fig)
+    explorer = plots.allocation_explorer(costs, sizes, 3.0)
+    slider = next(c for c in explorer.children if isinstance(c, ipywidgets.FloatSlider))
+    slider.value = 8.0
+    with pytest.raises(ValueError, match="average_bits"):
+        plots.draw_allocation(costs, sizes, 1.0)
+    with pytest.raises(ValueError, match="costs must be"):
+        plots.allocation_explorer({}, sizes)

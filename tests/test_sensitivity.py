@@ -244,3 +244,12 @@ def test_random_allocations_are_uniform_over_those_near_the_budget():
         sensitivity.random_allocation(sizes, (2, 4), budget, 0)
     with pytest.raises(ValueError, match="below the smallest"):
         sensitivity.random_allocation(sizes, (2, 4), 100, rng)
+
+
+def test_a_budget_a_hair_below_an_allocation_excludes_it():
+    # found by hypothesis: HiGHS's feasibility tolerance admitted 3408 bits under a 3407.9999999999995 budget
+    costs = {"a": {2: 1.0, 8: 0.0}}
+    assert sensitivity.allocate_bits(costs, {"a": 426}, 3408 - 5e-13).bits == {"a": 2}
+    assert sensitivity.allocate_bits(costs, {"a": 426}, 3408).bits == {"a": 8}
+    macs, acts = {"a": 10}, {"a": 4}
+    assert sensitivity.allocate_bits(costs, {"a": 426}, None, macs, acts, 320 - 1e-12).bits == {"a": 2}
