@@ -64,24 +64,32 @@ class Mnist1DCNN(nn.Module):
     """1-D CNN for ``(N, 1, 40)`` MNIST-1D sequences: four convolutions, then a linear layer.
 
     ``40 -> 40 -> 20 -> 10 -> 5`` positions with ``width`` channels, flattened into the
-    classifier (position matters in MNIST-1D, so no global pooling).
+    classifier (position matters in MNIST-1D, so no global pooling). ``widths`` (four channel
+    counts, one per convolution) replaces ``width`` for networks whose layers differ, such as
+    the architectures a width search derives (chapter 11).
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32, length: int = 40):
+    def __init__(self, num_classes: int = 10, width: int = 32, length: int = 40,
+                 widths: tuple | list | None = None):
         super().__init__()
-        width = check_int(width, "width", 1)
+        if widths is None:
+            widths = (check_int(width, "width", 1),) * 4
+        else:
+            if not isinstance(widths, (tuple, list)) or len(widths) != 4:
+                raise ValueError(f"widths must be four channel counts, one per convolution, got {widths!r}")
+            widths = tuple(check_int(w, "widths[i]", 1) for w in widths)
+        self.widths = widths
         length = check_int(length, "length", 8)
-        self.features = nn.Sequential(
-            conv_bn_relu(1, width, 5, dims=1),
-            conv_bn_relu(width, width, 3, stride=2, dims=1),
-            conv_bn_relu(width, width, 3, stride=2, dims=1),
-            conv_bn_relu(width, width, 3, stride=2, dims=1),
-        )
+        inputs = (1,) + widths[:-1]
+        self.features = nn.Sequential(*[
+            conv_bn_relu(cin, cout, 5 if i == 0 else 3, stride=1 if i == 0 else 2, dims=1)
+            for i, (cin, cout) in enumerate(zip(inputs, widths))
+        ])
         out_length = length
         for _ in range(3):
             out_length = (out_length + 1) // 2
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(width * out_length, check_int(num_classes, "num_classes", 2))
+        self.classifier = nn.Linear(widths[-1] * out_length, check_int(num_classes, "num_classes", 2))
 
     def forward(self, x):
         return self.classifier(self.flatten(self.features(x)))

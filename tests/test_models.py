@@ -108,3 +108,20 @@ def test_conv_bn_relu_keeps_size_and_is_conv_bn_relu(dims, shape, kernel, stride
     assert (out >= 0).all()
     depthwise = models.conv_bn_relu(4, 4, 3, groups=4)[0]
     assert depthwise.weight.shape == (4, 1, 3, 3)
+
+
+def test_mnist1d_cnn_per_layer_widths():
+    torch.manual_seed(0)
+    uniform = models.Mnist1DCNN(width=12)
+    torch.manual_seed(0)
+    same = models.Mnist1DCNN(widths=(12, 12, 12, 12))
+    # the same network, drawn the same way: cached default networks keep their weights
+    assert all(torch.equal(a, b) for a, b in zip(uniform.state_dict().values(), same.state_dict().values()))
+    net = models.Mnist1DCNN(widths=[8, 16, 24, 40])
+    convs = [block[0] for block in net.features]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 16), (16, 24), (24, 40)]
+    assert net.classifier.in_features == 40 * 5 and net(torch.randn(3, 1, 40)).shape == (3, 10)
+    with pytest.raises(ValueError, match="four channel counts"):
+        models.Mnist1DCNN(widths=(8, 8, 8))
+    with pytest.raises(ValueError, match="widths"):
+        models.Mnist1DCNN(widths=(8, 0, 8, 8))
