@@ -267,6 +267,13 @@ def test_mixed_precision_layers_keep_their_own_grids_through_the_integer_engine(
         assert span <= 2**bits  # per layer, no more codes than its grid has
         assert op.inp.qmax - op.inp.qmin + 1 == 2 ** act_bits.get(name, 8)  # its input grid's clamps
     assert network.packed_weight_bits() == {op.name: sizes[n] * weight_bits.get(n, 8) for op, n in zip(layers, names)}
+    # each operation at its own widths is within one unit of exact arithmetic on the same grids
+    x = digits.x_test[:64]
+    for name, error in network.layer_errors(network.quantize_input(x)).items():
+        assert error.max() <= 1, f"{name} is {error.max()} units off the exact requantization"
+    with torch.no_grad():
+        fake = prepared(x).argmax(1)
+    assert (network(x).argmax(1) == fake).double().mean() >= 0.9  # and it is the trained network
     for error in network.layer_errors(network.quantize_input(digits.x_test)).values():
         assert error.max() <= 1
     with torch.no_grad():
