@@ -1,6 +1,7 @@
 """The chapters as stored: no outputs, one parameters cell, qlib imported, the chapter outline."""
 
 import json
+import re
 
 import pytest
 
@@ -37,3 +38,30 @@ def test_chapter_outline(path):
     assert "{exercise}" in markdown and "{solution}" in markdown and ":class: dropdown" in markdown
     assert "{cite}" in markdown
     assert "## Summary" in markdown
+
+
+def _glue_keys_missing(nb: dict) -> list[str]:
+    """Glue keys the prose uses that no ``publish(...)`` call of the notebook's code names."""
+    md = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    used = set(re.findall(r"\{glue(?::text|:md)?\}`([A-Za-z0-9_]+)", md))
+    used |= set(re.findall(r"\{glue:figure\}\s+([A-Za-z0-9_]+)", md))
+    literal = set(re.findall(r'publish\(\s*"([A-Za-z0-9_]+)"', code))
+    # publish(f"name_{x}") covers every key that fills its braces
+    patterns = [re.compile("^" + re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(f)) + "$")
+                for f in re.findall(r'publish\(\s*f"([^"]+)"', code)]
+    return sorted(k for k in used if k not in literal and not any(p.match(k) for p in patterns))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_glued_key_is_published(path):
+    # a missing key fails the -W book build only after every chapter has run; this fails at once
+    assert _glue_keys_missing(json.loads(path.read_text())) == []
+
+
+def test_the_glue_check_finds_a_missing_key():
+    nb = {"cells": [{"cell_type": "markdown", "source": ["{glue:text}`a` and {glue:text}`b_2:.1f`"]},
+                    {"cell_type": "code", "source": ['publish("a", 1)\n', 'publish(f"b_{i}", 2)']}]}
+    assert _glue_keys_missing(nb) == []
+    nb["cells"][0]["source"].append(" {glue:figure} fig_c")
+    assert _glue_keys_missing(nb) == ["fig_c"]
