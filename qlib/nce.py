@@ -116,9 +116,10 @@ def width_options(base: int, ratios) -> list[int]:
 
 
 def _lengths(length: int) -> list[int]:
+    """Output positions of each convolution ('same' padding: ceil(length / stride))."""
     out, lengths = length, []
     for stride in STRIDES:
-        out = (out + stride - 1) // stride if stride > 1 else out
+        out = -(-out // stride)
         lengths.append(out)
     return lengths
 

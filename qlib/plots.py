@@ -285,6 +285,14 @@ def rounding_explorer(lam: float = 0.01, beta: float = 20.0):
                                  step=0.5, description="β"))
 
 
+def _allocation_choices(costs) -> list[int]:
+    """The candidate widths of a ``{layer: {bits: cost}}`` mapping (the first layer's, sorted)."""
+    choices = sorted(next(iter(costs.values()))) if isinstance(costs, dict) and costs else []
+    if not choices:
+        raise ValueError("costs must be a non-empty dict of layer name -> {bits: cost}")
+    return choices
+
+
 def draw_allocation(costs: dict, sizes: dict, average_bits: float, ax=None):
     """The optimal bit width per layer (:func:`qlib.sensitivity.allocate_bits`) at a size budget of
     ``average_bits`` per weight, as bars whose width is the layer's share of the weights.
@@ -295,9 +303,7 @@ def draw_allocation(costs: dict, sizes: dict, average_bits: float, ax=None):
 
     if not isinstance(sizes, dict) or not sizes:
         raise ValueError("sizes must be a non-empty dict of layer name -> number of weights")
-    choices = sorted(next(iter(costs.values()))) if isinstance(costs, dict) and costs else []
-    if not choices:
-        raise ValueError("costs must be a non-empty dict of layer name -> {bits: cost}")
+    choices = _allocation_choices(costs)
     average_bits = check_float(average_bits, "average_bits", choices[0], choices[-1])
     total = sum(sizes.values())
     allocation = allocate_bits(costs, sizes, average_bits * total)
@@ -328,9 +334,7 @@ def allocation_explorer(costs: dict, sizes: dict, average_bits: float = 3.0):
     """A slider for the size budget (bits per weight) over :func:`draw_allocation`."""
     import ipywidgets as widgets
 
-    choices = sorted(next(iter(costs.values()))) if isinstance(costs, dict) and costs else []
-    if not choices:
-        raise ValueError("costs must be a non-empty dict of layer name -> {bits: cost}")
+    choices = _allocation_choices(costs)
 
     def show(average_bits):
         draw_allocation(costs, sizes, average_bits)
