@@ -59,7 +59,8 @@ from .quantizers import make_quantizer
 from .train import seed_everything, single_threaded
 
 __all__ = ["channel_interpolate", "gumbel_pair", "width_options", "network_costs", "cost_loss", "SearchConfig",
-           "SearchConv", "SearchNetwork", "derive", "search", "temperature", "cached_search", "search_all"]
+           "SearchConv", "SearchNetwork", "derive", "search", "temperature", "cached_search", "search_all",
+           "random_widths", "uniform_width_near", "architecture_kwargs"]
 
 KERNELS = (5, 3, 3, 3)
 STRIDES = (1, 2, 2, 2)
@@ -137,6 +138,56 @@ def network_costs(widths, length: int = 40, num_classes: int = 10) -> dict[str, 
     params = sum(k * i * o + 2 * o for k, i, o in zip(KERNELS, inputs, widths))
     features = widths[-1] * lengths[-1]
     return {"macs": macs + features * num_classes, "params": params + features * num_classes + num_classes}
+
+
+def random_widths(choices, budget: float, tolerance: float, generator, budget_kind: str = "macs",
+                  length: int = 40, num_classes: int = 10, tries: int = 100_000) -> tuple[int, ...]:
+    """Four widths drawn from ``choices``, uniformly among the architectures whose cost
+    (:func:`network_costs`, ``budget_kind`` ``"macs"`` or ``"params"``) lies within
+    ``tolerance`` (a fraction) of ``budget``: the random control of a width search at its budget
+    (rejection sampling, which is uniform over the accepted set)."""
+    import numpy as np
+
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(f"generator must be a numpy.random.Generator, got {type(generator).__name__}")
+    choices = sorted({check_int(c, "choices[i]", 1) for c in choices})
+    if not choices:
+        raise ValueError("choices must hold at least one width")
+    if budget_kind not in ("macs", "params"):
+        raise ValueError(f"budget_kind must be 'macs' or 'params', got {budget_kind!r}")
+    budget = check_float(budget, "budget", 0.0, low_open=True)
+    tolerance = check_float(tolerance, "tolerance", 0.0)
+    for _ in range(check_int(tries, "tries", 1)):
+        widths = tuple(int(w) for w in generator.choice(choices, size=len(KERNELS)))
+        cost = network_costs(widths, length, num_classes)[budget_kind]
+        if abs(cost - budget) <= tolerance * budget:
+            return widths
+    raise ValueError(f"no architecture from choices {choices} found within {tolerance:.1%} of "
+                     f"budget {budget:g} in {tries} draws")
+
+
+def uniform_width_near(cost: float, budget_kind: str = "macs", length: int = 40,
+                       num_classes: int = 10) -> int:
+    """The one width for all four convolutions whose cost is closest to ``cost``: the uniformly
+    scaled network at a searched architecture's budget (the smaller width on a tie)."""
+    if budget_kind not in ("macs", "params"):
+        raise ValueError(f"budget_kind must be 'macs' or 'params', got {budget_kind!r}")
+    cost = check_float(cost, "cost", 0.0, low_open=True)
+    width, best = 1, math.inf
+    while True:
+        gap = abs(network_costs((width,) * len(KERNELS), length, num_classes)[budget_kind] - cost)
+        if gap >= best:  # the cost grows with the width: past the closest, gaps only grow
+            return width - 1
+        width, best = width + 1, gap
+
+
+def architecture_kwargs(widths, base_width: int = 32) -> tuple:
+    """``Run.model_kwargs`` for ``Mnist1DCNN(widths=widths)``: empty for the default network (every
+    width ``base_width``), so its runs and float networks are the ones other chapters cached."""
+    widths = tuple(check_int(w, "widths[i]", 1) for w in widths)
+    if len(widths) != len(KERNELS):
+        raise ValueError(f"widths must be {len(KERNELS)} channel counts, got {widths}")
+    return () if widths == (base_width,) * len(KERNELS) else (("widths", widths),)
 
 
 def cost_loss(expected: torch.Tensor, current: float, target: float, tolerance: float) -> torch.Tensor:
@@ -386,9 +437,10 @@ def search(dataset: Dataset, config: SearchConfig = SearchConfig(), seed: int = 
     The training split is halved by a seeded permutation: weights train on one half, ``alpha`` on
     the other (TAS), so the validation split stays free for choosing recipes. Returns ``widths``
     (the derived architecture), its ``costs`` (:func:`network_costs`) and the original's, the
-    per-epoch ``history`` (temperature, each layer's options and probabilities, expected and argmax
-    cost, architecture-half accuracy of the argmax network), the ``expansions`` as ``(epoch,
-    layer, new width)`` and the wall time in ``seconds``.
+    per-epoch ``history`` (temperature; each layer's options and their probabilities at the end of
+    the epoch, before that epoch's expansions; the expected cost after them and the argmax cost;
+    the accuracy and loss of the sampled networks on the architecture half), the ``expansions``
+    as ``(epoch, layer, new width)`` and the wall time in ``seconds``.
     """
     if not isinstance(config, SearchConfig):
         raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
@@ -443,13 +495,15 @@ def _search(dataset, config, seed):
             loss = loss + config.cost_weight * cost_loss(expected, current, target, tolerance)
             loss.backward()
             arch_optimizer.step()
+        # the epoch's end state, as the expansion rule sees it (options it adds appear next epoch)
+        options = [list(layer.options) for layer in model.layers]
+        probabilities = [layer.probabilities().detach().tolist() for layer in model.layers]
         grown = model.expand(config.threshold) if searching and config.expand else []
         expansions += [(epoch, i, model.layers[i].options[-1]) for i in grown]
         costs = model.expected_costs()
         history.append({
             "epoch": epoch, "tau": model.tau, "searching": searching,
-            "options": [list(layer.options) for layer in model.layers],
-            "probabilities": [layer.probabilities().detach().tolist() for layer in model.layers],
+            "options": options, "probabilities": probabilities,
             "expected_macs": float(costs["macs"].detach()), "expected_params": float(costs["params"].detach()),
             "argmax": model.architecture(),
             "argmax_macs": network_costs(model.architecture(), model.length, model.num_classes)["macs"],

@@ -1,7 +1,9 @@
 """Neural channel expansion: CWI and the costs by hand, the sampler, the expansion rule, the derived network."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,14 +170,17 @@ def test_a_short_search_is_reproducible_and_logs_what_it_did():
     x = torch.randn(256, 1, 40, generator=g)
     y = (x[:, 0, :20].sum(1) > x[:, 0, 20:].sum(1)).long() + 2 * (x[:, 0, ::2].sum(1) > 0).long()
     data = Dataset("toy", x, y, x[:64], y[:64], classes=tuple("abcd"))
-    config = nce.SearchConfig(epochs=4, warmup=1, batch_size=32, threshold=0.3, arch_lr=0.2, target=0.6)
+    config = nce.SearchConfig(epochs=4, warmup=1, batch_size=32, threshold=0.26, arch_lr=0.2, target=1.5)
     first, again = nce.search(data, config, seed=1), nce.search(data, config, seed=1)
     assert first["widths"] == again["widths"] and first["history"] == again["history"]
     assert len(first["history"]) == 4 and not first["history"][0]["searching"]
     assert first["costs"] == nce.network_costs(first["widths"], num_classes=4)
-    for epoch, layer, width in first["expansions"]:
-        assert width in first["history"][epoch]["options"][layer]
-        assert width not in first["history"][epoch - 1]["options"][layer]
+    assert first["expansions"], "the toy search should expand at this threshold"
+    for epoch, layer, width in first["expansions"]:  # the rule fired on what the log shows
+        seen = first["history"][epoch]
+        assert width not in seen["options"][layer] and seen["probabilities"][layer][-1] > 0.26
+        if epoch + 1 < len(first["history"]):
+            assert first["history"][epoch + 1]["options"][layer][-1] == width
     for h in first["history"]:
         assert all(math.isclose(sum(p), 1.0, rel_tol=1e-5) for p in h["probabilities"])
 
@@ -209,3 +214,42 @@ def test_zero_padding_keeps_each_channel_the_output_of_its_own_filter():
     assert model(torch.randn(4, 1, 40)).shape == (4, 10)
     with pytest.raises(ValueError, match="align"):
         nce.SearchConfig(align="nearest")
+
+
+def test_random_widths_stay_within_the_budget_and_cover_the_accepted_set():
+    rng = np.random.default_rng(0)
+    budget = nce.network_costs((32, 32, 32, 32))["macs"]
+    choices = range(8, 65, 8)
+    drawn = {nce.random_widths(choices, budget, 0.05, rng) for _ in range(300)}
+    accepted = [w for w in itertools.product(choices, repeat=4)
+                if abs(nce.network_costs(w)["macs"] - budget) <= 0.05 * budget]
+    assert drawn <= set(accepted)
+    assert len(drawn) > 0.6 * len(accepted)  # uniform rejection sampling reaches most of them
+    params = nce.network_costs((32, 32, 32, 32))["params"]
+    w = nce.random_widths(choices, params, 0.05, rng, budget_kind="params")
+    assert abs(nce.network_costs(w)["params"] - params) <= 0.05 * params
+    with pytest.raises(ValueError, match="no architecture"):
+        nce.random_widths([8], budget, 0.01, rng, tries=50)
+    with pytest.raises(TypeError, match="generator"):
+        nce.random_widths(choices, budget, 0.05, 0)
+    with pytest.raises(ValueError, match="budget_kind"):
+        nce.random_widths(choices, budget, 0.05, rng, budget_kind="flops")
+
+
+def test_the_uniform_width_nearest_a_cost_is_the_closest_of_all_widths():
+    for width in (8, 31, 32, 33, 50):
+        for kind in ("macs", "params"):
+            cost = nce.network_costs((width,) * 4)[kind]
+            assert nce.uniform_width_near(cost, kind) == width
+            target = cost * 1.03
+            gaps = {w: abs(nce.network_costs((w,) * 4)[kind] - target) for w in range(1, 80)}
+            assert nce.uniform_width_near(target, kind) == min(gaps, key=gaps.get)
+    with pytest.raises(ValueError, match="cost"):
+        nce.uniform_width_near(-1.0)
+
+
+def test_architecture_kwargs_leave_the_default_network_unnamed():
+    assert nce.architecture_kwargs((32, 32, 32, 32)) == ()
+    assert nce.architecture_kwargs([24, 40, 32, 32]) == (("widths", (24, 40, 32, 32)),)
+    with pytest.raises(ValueError, match="widths"):
+        nce.architecture_kwargs((32, 32))
