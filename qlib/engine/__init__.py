@@ -28,7 +28,8 @@ the input channels when needed), ``"int"`` uses integer tensors only (an integer
 
 The package: :mod:`qlib.engine.ops` (the integer operations), :mod:`qlib.engine.network` (the
 interpreter), :mod:`qlib.engine.convert` (the converter), :mod:`qlib.engine.pytorch` (the same
-network on PyTorch's quantized engine, for comparison).
+network on PyTorch's quantized engine, for comparison), :mod:`qlib.engine.export` (the same codes as an
+ExecuTorch program on XNNPACK, and torchao's own post-training flow as the peer).
 """
 
 from .convert import ACTIVATION_DTYPES, convert
@@ -36,7 +37,9 @@ from .network import ENGINE_BACKENDS, DtypeRecorder, IntegerNetwork
 from .ops import (ActSpec, IntAdd, IntAvgPool, IntClamp, IntFlatten, IntLayer, IntMaxPool, IntOp, IntRequantize,
                   IntShiftAdd, average_codes, clamp_bounds)
 from .pytorch import PyTorchQuantized
+from .export import ExecuTorchNetwork, ExecuTorchProgram, pt2e_quantize, qdq_module
 
-__all__ = ["convert", "IntegerNetwork", "PyTorchQuantized", "DtypeRecorder", "ActSpec", "IntOp", "IntLayer",
+__all__ = ["convert", "IntegerNetwork", "PyTorchQuantized", "ExecuTorchNetwork", "ExecuTorchProgram", "pt2e_quantize",
+           "qdq_module", "DtypeRecorder", "ActSpec", "IntOp", "IntLayer",
            "IntShiftAdd", "IntAdd", "IntAvgPool", "IntMaxPool", "IntClamp", "IntRequantize", "IntFlatten",
            "average_codes", "clamp_bounds", "ACTIVATION_DTYPES", "ENGINE_BACKENDS"]
