@@ -1,10 +1,17 @@
-"""Speed of the integer engine against PyTorch's quantized engine and float32 PyTorch.
+"""Speed of the integer engine against PyTorch's int8 routes and float32 PyTorch.
 
-Everything runs in this one process on the same network and batch, and only ratios are printed
-(images per second relative to float32 PyTorch; higher is faster):
+Everything runs in this one process on the same network and batch, the contenders taking turns
+call by call, and only ratios are printed (images per second relative to float32 PyTorch; higher
+is faster):
 
     python bench/engine.py               # MnistCNN and Mnist1DCNN, batch 256
     python bench/engine.py --batch 64 --gemm-only
+
+The int8 contenders: qlib's engine (both backends); qlib's codes on fbgemm (prepacked
+``torch.ao.nn.quantized`` modules, the deprecated route, kept because it is the one that runs the
+engine's own codes on x86's int8 kernels) and on ExecuTorch's XNNPACK (:mod:`qlib.engine.export`);
+and the flow a PyTorch user runs today, torchao's pt2e post-training quantization with its own
+observers, lowered to ExecuTorch XNNPACK or compiled by ``torch.compile`` (X86InductorQuantizer).
 """
 
 import argparse
@@ -15,8 +22,11 @@ import warnings
 import torch
 
 from qlib import data, engine, gemm
+from qlib.engine.export import quiet_stack
 from qlib.fold import fold_batchnorm
 from qlib.train import RECIPES, pretrained
+
+NETWORKS = ("mnist_cnn", "mnist1d_cnn")
 
 
 def seconds(fn, repeats, warmup=2):
@@ -30,29 +40,77 @@ def seconds(fn, repeats, warmup=2):
     return statistics.median(times)
 
 
+def interleaved_seconds(contenders: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median time of each contender, calling them in turn, so that a slow spell of the machine hits
+    all of them alike instead of whichever happened to be running. Each turn makes one untimed call
+    first: the runtimes keep their own worker threads (PyTorch's OpenMP pool, XNNPACK's), and the
+    call right after another runtime's would otherwise pay for waking them."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            fn()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def contenders(name, batch):
+    """Every way this book runs the network: name -> a function of no arguments."""
+    model, _ = pretrained(name, 0, progress=False)
+    model.eval()
+    dataset = data.load(RECIPES[name].data)
+    calibration = dataset.calibration_batches(500)
+    x = dataset.x_test[:batch]
+    folded = fold_batchnorm(model)
+    network = engine.convert(model, calibration)
+    q = network.quantize_input(x)
+    network7 = engine.convert(model, calibration, reduce_range=True)   # fbgemm's 7-bit activations
+    fbgemm, q7 = engine.PyTorchQuantized(network7), network7.quantize_input(x)
+    ours_on_xnnpack = engine.ExecuTorchNetwork(network, q, batch=batch).program
+    x_codes = network.input_spec.dequantize(q)
+    torchao_xnnpack = engine.ExecuTorchProgram(engine.pt2e_quantize(model, calibration, x), (x,))
+    with quiet_stack():
+        inductor = torch.compile(engine.pt2e_quantize(model, calibration, x, quantizer="x86_inductor"))
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # torch.ao's quantized tensors warn on every call
+                return fn()
+        return call
+
+    return {
+        "float32 PyTorch (folded BN)": no_grad(lambda: folded(x)),
+        "qlib engine, float32 kernels": lambda: network.run(q, "float32"),
+        "qlib engine, integer only": lambda: network.run(q, "int"),
+        "qlib codes on fbgemm (torch.ao, deprecated)": no_grad(lambda: fbgemm.run(q7)),
+        "qlib codes on ExecuTorch XNNPACK": lambda: ours_on_xnnpack(x_codes),
+        "torchao pt2e -> ExecuTorch XNNPACK": lambda: torchao_xnnpack(x),
+        "torchao pt2e -> torch.compile (x86)": no_grad(lambda: inductor(x)),
+    }
+
+
 def network_table(batch, repeats):
+    ratios = {}
+    for name in NETWORKS:
+        times = interleaved_seconds(contenders(name, batch), repeats)
+        reference = times["float32 PyTorch (folded BN)"]
+        ratios[name] = {label: reference / t for label, t in times.items()}
+    labels = list(next(iter(ratios.values())))
+    width = max(map(len, labels))
     print(f"whole network, batch {batch}: images/s relative to float32 PyTorch (higher is faster)")
-    print(f"{'network':>12} | {'float32 PyTorch':>15} | {'PyTorch int8 (x86)':>18} | "
-          f"{'qlib engine, float32 kernels':>28} | {'qlib engine, integer only':>25}")
-    for name in ("mnist_cnn", "mnist1d_cnn"):
-        model, _ = pretrained(name, 0, progress=False)
-        dataset = data.load(RECIPES[name].data)
-        calibration = [x for x, _ in dataset.train_batches(100, torch.Generator().manual_seed(0))][:5]
-        network = engine.convert(model, calibration, reduce_range=True)
-        pytorch_int8 = engine.PyTorchQuantized(network)
-        folded = fold_batchnorm(model)
-        x = dataset.x_test[:batch]
-        q = network.quantize_input(x)
-        with torch.no_grad():
-            t_float = seconds(lambda: folded(x), repeats)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t_pt = seconds(lambda: pytorch_int8.run(q), repeats)
-        t_f32 = seconds(lambda: network.run(q, "float32"), repeats)
-        t_int = seconds(lambda: network.run(q, "int"), repeats)
-        print(f"{name:>12} | {1.0:>14.2f}x | {t_float / t_pt:>17.2f}x | {t_float / t_f32:>27.2f}x | "
-              f"{t_float / t_int:>24.2f}x")
-        print(f"{'':>12}   qlib engine (float32 kernels) vs PyTorch int8: {t_pt / t_f32:.2f}x")
+    print(f"{'':<{width}} | " + " | ".join(f"{n:>11}" for n in NETWORKS))
+    for label in labels:
+        print(f"{label:<{width}} | " + " | ".join(f"{ratios[n][label]:>10.2f}x" for n in NETWORKS))
+    print(f"\nqlib engine (float32 kernels) relative to the same codes on (higher is faster)")
+    for label in ("qlib codes on fbgemm (torch.ao, deprecated)", "qlib codes on ExecuTorch XNNPACK"):
+        cells = [ratios[n]["qlib engine, float32 kernels"] / ratios[n][label] for n in NETWORKS]
+        print(f"{label:<{width}} | " + " | ".join(f"{c:>10.2f}x" for c in cells))
+    return ratios
 
 
 def gemm_table(repeats):
@@ -88,11 +146,11 @@ def main():
     parser.add_argument("--gemm-only", action="store_true", help="only the GEMM table")
     parser.add_argument("--network-only", action="store_true", help="only the whole-network table")
     args = parser.parse_args()
-    if not args.gemm_only:
-        network_table(args.batch, args.repeats)
+    ratios = None if args.gemm_only else network_table(args.batch, args.repeats)
     if not args.network_only:
         gemm_table(args.repeats)
+    return ratios
 
 
 if __name__ == "__main__":
-    main()
+    RATIOS = main()   # kept for a notebook's %run: network -> contender -> ratio to float32

@@ -3,8 +3,10 @@
 Same model (MnistCNN, then Mnist1DCNN), same batch, same optimizer, measured side by side in one
 process: float training, qlib QAT at W4A4 (observed min/max ranges with the straight-through
 estimator, LSQ on its fused path, LSQ through autograd step by step: the readable reference) and
-PyTorch's own eager-mode QAT (torch.ao.quantization.prepare_qat with the x86 FakeQuantize qconfig,
-8-bit), taking turns step by step. Prints ratios of median step times only (lower is faster).
+the QAT a PyTorch user runs today, torchao's pt2e flow (``torch.export`` -> ``prepare_qat_pt2e`` with
+ExecuTorch's XNNPACKQuantizer: per-channel symmetric weights, moving-average min-max ranges and
+PyTorch's fused fake-quantize kernels, here at W4A4 too), taking turns step by step. Prints
+ratios of median step times only (lower is faster).
 
     python bench/qat_overhead.py
 """
@@ -13,7 +15,6 @@ import argparse
 import copy
 import statistics
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -61,14 +62,24 @@ def step_seconds(models: dict, x, y, repeats, warmup=3) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def torch_ao_qat(model):
-    import torch.ao.quantization as tq
+def torchao_qat(model, x, bits=4):
+    """torchao's pt2e QAT of ``model`` at W``bits``A``bits`` (16 levels: weights [-8, 7], activations
+    an affine 16-level range), the XNNPACK quantizer's fake-quantize modules."""
+    from qlib.engine.export import quiet_stack
 
-    model = copy.deepcopy(model).train()
-    model.qconfig = tq.get_default_qat_qconfig("x86")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tq.prepare_qat(model)
+    with quiet_stack():
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer, get_symmetric_quantization_config)
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        half = 2 ** (bits - 1)
+        config = get_symmetric_quantization_config(is_per_channel=True, is_qat=True, act_qmin=-half,
+                                                   act_qmax=half - 1, weight_qmin=-half, weight_qmax=half - 1)
+        exported = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
+        prepared = prepare_qat_pt2e(exported, XNNPACKQuantizer().set_global(config))
+        allow_exported_model_train_eval(prepared)   # so that .train() works as for the others
+        return prepared
 
 
 def main():
@@ -85,15 +96,15 @@ def main():
             "qlib QAT, min/max + STE (W4A4)": qat.prepare(model, "minmax", "minmax", bits=4, example_input=x),
             "qlib QAT, LSQ (W4A4)": qat.prepare(model, "lsq", "lsq", bits=4, example_input=x),
             "qlib QAT, LSQ through autograd": readable_lsq(model, x),
-            "torch.ao QAT, FakeQuantize (8-bit)": torch_ao_qat(model),
+            "torchao pt2e QAT (W4A4)": torchao_qat(model, x),
         }
         times = step_seconds(contenders, x, y, args.repeats)
         print(f"{network.__name__}, training step, batch {args.batch}: time relative to float32 (lower is faster)")
         for name, t in times.items():
             print(f"{name:>36} | {t / times['float32']:.2f}x")
-        ao = times["torch.ao QAT, FakeQuantize (8-bit)"]
+        peer = times["torchao pt2e QAT (W4A4)"]
         for name in ("qlib QAT, min/max + STE (W4A4)", "qlib QAT, LSQ (W4A4)"):
-            print(f"{name:>36} | {times[name] / ao:.2f}x the torch.ao QAT step")
+            print(f"{name:>36} | {times[name] / peer:.2f}x the torchao QAT step")
 
 
 if __name__ == "__main__":

@@ -197,3 +197,43 @@ def test_save_writes_the_program(tmp_path, exported):
     path = program.program.save(tmp_path / "net.pte")
     data = path.read_bytes()
     assert data == program.program.pte and data[4:8] == b"ET12"   # the ExecuTorch flatbuffer identifier
+
+
+def test_agreement_counts_what_it_says(exported):
+    network, program, q = exported
+    labels = network.run(q).argmax(1)          # the engine's own classes: its accuracy is 100 %
+    row = engine.agreement(network, program, q, labels)
+    theirs = program.run(q)
+    assert row["engine acc (%)"] == 100.0
+    assert row["XNNPACK acc (%)"] == pytest.approx(row["same class (%)"])
+    assert row["same class (%)"] == pytest.approx(100 * (theirs.argmax(1) == labels).double().mean().item())
+    d = (network.run(q).int() - theirs.int()).abs()
+    assert row["end to end: max LSB"] == int(d.max())
+    assert row["end to end: identical (%)"] == pytest.approx(100 * (d == 0).double().mean().item())
+    layerwise = torch.cat([v.flatten() for v in program.compare_layers(q).values()])
+    assert row["layer by layer: max LSB"] == int(layerwise.max()) <= 1
+    with pytest.raises(ValueError, match="labels must be"):
+        engine.agreement(network, program, q, labels[:-1])
+    with pytest.raises(ValueError, match="program must be"):
+        engine.agreement(network, "program", q, labels)
+
+
+def test_layer_codes_are_what_compare_layers_measures(exported):
+    network, program, q = exported
+    theirs = program.layer_codes(q[:10])
+    ours = network.intermediate_codes(q[:10])
+    diffs = program.compare_layers(q[:10])
+    for name, codes in theirs.items():
+        spec = network.specs()[name]
+        assert codes.dtype == spec.dtype and codes.min() >= spec.qmin and codes.max() <= spec.qmax
+        assert torch.equal(diffs[name], (ours[name].int() - codes.int()).abs())
+
+
+def test_pt2e_result_takes_eval_and_pairs():
+    shape = (1, 40)
+    model = calibrated(models.Mnist1DCNN(), shape)
+    x = real_inputs(shape, 16, 7)
+    converted = engine.pt2e_quantize(model, [(x, torch.zeros(16))], x)
+    converted.eval()   # raises for a bare exported module
+    with torch.no_grad():
+        assert converted(x).shape == (16, 10)

@@ -37,9 +37,9 @@ from .network import ENGINE_BACKENDS, DtypeRecorder, IntegerNetwork
 from .ops import (ActSpec, IntAdd, IntAvgPool, IntClamp, IntFlatten, IntLayer, IntMaxPool, IntOp, IntRequantize,
                   IntShiftAdd, average_codes, clamp_bounds)
 from .pytorch import PyTorchQuantized
-from .export import ExecuTorchNetwork, ExecuTorchProgram, pt2e_quantize, qdq_module
+from .export import ExecuTorchNetwork, ExecuTorchProgram, agreement, pt2e_quantize, qdq_module
 
 __all__ = ["convert", "IntegerNetwork", "PyTorchQuantized", "ExecuTorchNetwork", "ExecuTorchProgram", "pt2e_quantize",
-           "qdq_module", "DtypeRecorder", "ActSpec", "IntOp", "IntLayer",
+           "qdq_module", "agreement", "DtypeRecorder", "ActSpec", "IntOp", "IntLayer",
            "IntShiftAdd", "IntAdd", "IntAvgPool", "IntMaxPool", "IntClamp", "IntRequantize", "IntFlatten",
            "average_codes", "clamp_bounds", "ACTIVATION_DTYPES", "ENGINE_BACKENDS"]

@@ -21,13 +21,17 @@ What had to change on the way:
   codes may differ by one unit (:meth:`ExecuTorchNetwork.compare_layers` measures it).
 
 Shift-add layers (:class:`~qlib.engine.IntShiftAdd`) have no counterpart and are refused by name.
+torchao and ExecuTorch are imported on first use (``pip install quantbook-qlib[deploy]``; the book's
+``requirements.txt`` pins them).
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
@@ -38,7 +42,7 @@ from .network import IntegerNetwork
 from .ops import ActSpec, IntAdd, IntAvgPool, IntClamp, IntFlatten, IntLayer, IntMaxPool, IntRequantize
 
 __all__ = ["qdq_module", "int8_spec", "ExecuTorchProgram", "ExecuTorchNetwork", "pt2e_quantize", "EXPORTABLE_OPS",
-           "PT2E_QUANTIZERS", "quiet_stack"]
+           "PT2E_QUANTIZERS", "quiet_stack", "agreement"]
 
 #: The engine operations the export takes (shift-add layers are the one kind it refuses).
 EXPORTABLE_OPS = (IntLayer, IntAdd, IntAvgPool, IntMaxPool, IntClamp, IntRequantize, IntFlatten)
@@ -63,9 +67,24 @@ def quiet_stack():
             lg.setLevel(level)
 
 
+@contextmanager
+def _quiet_native_stderr():
+    """ExecuTorch's runtime logs its CPU probing (``cpuinfo_utils.cpp: ... Failed to open midr
+    file``) when it loads a program, through Python's ``sys.stderr`` and, outside Python, file
+    descriptor 2; a notebook would show it. Errors are raised as Python exceptions either way."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stderr(io.StringIO()):
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _load_stack():
     """Import torchao's op registrations and ExecuTorch lazily: the rest of qlib never needs them."""
-    with quiet_stack():
+    with quiet_stack(), _quiet_native_stderr():
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  (registers quantized_decomposed ops)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -239,7 +258,8 @@ class ExecuTorchProgram:
             self._edge = to_edge_transform_and_lower(exported, partitioner=[partitioner()])
             self._program = self._edge.to_executorch()
             # the loaded method reads the program's bytes in place: self._program keeps them alive
-            self._method = runtime.get().load_program(self._program.buffer).load_method("forward")
+            with _quiet_native_stderr():
+                self._method = runtime.get().load_program(self._program.buffer).load_method("forward")
         self.input_shapes = [tuple(t.shape) for t in example_inputs]
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -312,9 +332,9 @@ class ExecuTorchNetwork:
         return self.network.dequantize_output(self.run(self.network.quantize_input(x)))
 
     @torch.no_grad()
-    def compare_layers(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per operation, ``|engine code - XNNPACK code|`` with both given the *engine's* input codes
-        (no compounding). The layer-wise program is lowered on first use."""
+    def layer_codes(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per operation, XNNPACK's output codes (the engine's dtype) when every operation is given
+        the *engine's* input codes for input codes ``q``. The layer-wise program is lowered on first use."""
         self._check_codes(q)
         net = self.network
         specs = net.specs()
@@ -325,13 +345,20 @@ class ExecuTorchNetwork:
         if self._layerwise is None:
             self._layerwise = ExecuTorchProgram(_QDQGraph(net, layerwise=True),
                                                 inputs_of(net.intermediate_codes(self._example)))
-        diffs = {op.name: [] for op in net.ops}
+        codes = {op.name: [] for op in net.ops}
         for part in q.split(self.batch):
             env = net.intermediate_codes(_padded(part, self.batch))
             for op, y in zip(net.ops, self._layerwise(*inputs_of(env))):
-                ours, theirs = env[op.name][:len(part)], _codes(y[:len(part)], op.out)
-                diffs[op.name].append((ours.to(torch.int32) - theirs.to(torch.int32)).abs())
-        return {name: torch.cat(d) for name, d in diffs.items()}
+                codes[op.name].append(_codes(y[:len(part)], op.out))
+        return {name: torch.cat(c) for name, c in codes.items()}
+
+    @torch.no_grad()
+    def compare_layers(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per operation, ``|engine code - XNNPACK code|`` with both given the *engine's* input codes
+        (no compounding)."""
+        ours = self.network.intermediate_codes(q)
+        return {name: (ours[name].to(torch.int32) - theirs.to(torch.int32)).abs()
+                for name, theirs in self.layer_codes(q).items()}
 
 
 #: torchao's post-training quantizers, by name: ``"xnnpack"`` (per-channel symmetric int8 weights,
@@ -344,7 +371,8 @@ def pt2e_quantize(model: nn.Module, calibration, example: torch.Tensor, quantize
     ``torch.export`` -> ``prepare_pt2e`` with ``quantizer``'s observers -> the ``calibration`` batches
     -> ``convert_pt2e``. The result is a QDQ module; its grids are torchao's, not qlib's.
 
-    ``example``: an input batch (the batch dimension stays dynamic). Lower the result with
+    ``example``: an input batch (the batch dimension stays dynamic); ``calibration``: input batches
+    (or ``(x, y)`` pairs). Lower the result with
     :class:`ExecuTorchProgram` (``"xnnpack"``) or ``torch.compile`` (``"x86_inductor"``).
     """
     if quantizer not in PT2E_QUANTIZERS:
@@ -353,6 +381,7 @@ def pt2e_quantize(model: nn.Module, calibration, example: torch.Tensor, quantize
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _load_stack()
     with quiet_stack():
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         if quantizer == "xnnpack":
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -365,6 +394,42 @@ def pt2e_quantize(model: nn.Module, calibration, example: torch.Tensor, quantize
         with torch.no_grad():
             exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
             prepared = prepare_pt2e(exported.module(), observer)
-            for x in calibration:
-                prepared(x)
-            return convert_pt2e(prepared)
+            for batch in calibration:
+                prepared(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            converted = convert_pt2e(prepared)
+        # an exported module refuses .train()/.eval(); torchao's switch lets it take them (a no-op here:
+        # the converted graph has no dropout or batch norm left)
+        allow_exported_model_train_eval(converted)
+        return converted
+
+
+@torch.no_grad()
+def agreement(network: IntegerNetwork, program: ExecuTorchNetwork, q: torch.Tensor, labels: torch.Tensor,
+              layer_inputs: int | None = None) -> dict:
+    """How closely ``program`` (the network on XNNPACK) reproduces ``network`` on input codes ``q``.
+
+    Layer by layer (every operation given the engine's input codes, on the first ``layer_inputs``
+    inputs; ``None``: all): the percentage of identical output codes and the largest difference in
+    LSB, over every code of every operation; end to end
+    (each side on its own codes): the same for the output codes, the percentage of inputs whose
+    predicted class agrees, and both test accuracies (in %) on ``labels``.
+    """
+    if not isinstance(program, ExecuTorchNetwork) or program.network is not network:
+        raise ValueError("program must be the ExecuTorchNetwork exported from this network")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(q),):
+        raise ValueError(f"labels must be a tensor of {len(q)} class indices, one per input")
+    if layer_inputs is not None and (isinstance(layer_inputs, bool) or not isinstance(layer_inputs, int)
+                                     or layer_inputs < 1):
+        raise ValueError(f"layer_inputs must be a positive int or None, got {layer_inputs!r}")
+    layerwise = torch.cat([d.flatten() for d in program.compare_layers(q[:layer_inputs]).values()])
+    ours, theirs = network.run(q), program.run(q)
+    end_to_end = (ours.to(torch.int32) - theirs.to(torch.int32)).abs()
+    return {
+        "layer by layer: identical (%)": 100 * (layerwise == 0).double().mean().item(),
+        "layer by layer: max LSB": int(layerwise.max()),
+        "end to end: identical (%)": 100 * (end_to_end == 0).double().mean().item(),
+        "end to end: max LSB": int(end_to_end.max()),
+        "same class (%)": 100 * (ours.argmax(1) == theirs.argmax(1)).double().mean().item(),
+        "engine acc (%)": 100 * (ours.argmax(1) == labels).double().mean().item(),
+        "XNNPACK acc (%)": 100 * (theirs.argmax(1) == labels).double().mean().item(),
+    }
