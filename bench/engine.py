@@ -102,11 +102,12 @@ def network_table(batch, repeats):
         ratios[name] = {label: reference / t for label, t in times.items()}
     labels = list(next(iter(ratios.values())))
     width = max(map(len, labels))
-    print(f"whole network, batch {batch}: images/s relative to float32 PyTorch (higher is faster)")
+    print(f"whole network, batch {batch}")
+    print("images/s relative to float32 PyTorch (higher is faster)")
     print(f"{'':<{width}} | " + " | ".join(f"{n:>11}" for n in NETWORKS))
     for label in labels:
         print(f"{label:<{width}} | " + " | ".join(f"{ratios[n][label]:>10.2f}x" for n in NETWORKS))
-    print(f"\nqlib engine (float32 kernels) relative to the same codes on (higher is faster)")
+    print("\nqlib engine (float32 kernels) relative to the same codes on")
     for label in ("qlib codes on fbgemm (torch.ao, deprecated)", "qlib codes on ExecuTorch XNNPACK"):
         cells = [ratios[n]["qlib engine, float32 kernels"] / ratios[n][label] for n in NETWORKS]
         print(f"{label:<{width}} | " + " | ".join(f"{c:>10.2f}x" for c in cells))

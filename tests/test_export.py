@@ -237,3 +237,20 @@ def test_pt2e_result_takes_eval_and_pairs():
     converted.eval()   # raises for a bare exported module
     with torch.no_grad():
         assert converted(x).shape == (16, 10)
+
+
+def test_without_the_explicit_clamps_xnnpack_overruns_a_4_bit_grid():
+    torch.manual_seed(1)
+    shape = (1, 40)
+    x = real_inputs(shape, 128, 8)
+    model = qat.prepare(calibrated(models.Mnist1DCNN(), shape), "lsq", "lsq", bits=4, example_input=x)
+    network = engine.convert(model.eval(), [x])
+    q = network.quantize_input(real_inputs(shape, 64, 9))
+    four_bit = [op.name for op in network.layers() if op.out.qmax == 15]
+    clamped = engine.ExecuTorchNetwork(network, q, batch=64)
+    unclamped = engine.ExecuTorchNetwork(network, q, batch=64, clamp_narrow_grids=False)
+    assert max(int(c.max()) for n, c in clamped.layer_codes(q).items() if n in four_bit) <= 15
+    overrun = max(int(c.max()) for n, c in unclamped.layer_codes(q).items() if n in four_bit)
+    assert overrun > 15       # the quantize step's quant_max alone does not hold the range
+    with pytest.raises(TypeError, match="clamp_narrow_grids must be a bool"):
+        engine.ExecuTorchNetwork(network, q, clamp_narrow_grids=1)

@@ -1,13 +1,13 @@
 """The engine's integer network on ExecuTorch's XNNPACK backend, with the engine's own codes.
 
-:func:`qdq_module` rewrites an :class:`~qlib.engine.IntegerNetwork` as a *QDQ graph*, the form every
-current runtime receives: each weighted layer reads its weights as
+:func:`~qlib.engine.qdq_module` rewrites an :class:`~qlib.engine.IntegerNetwork` as a *QDQ
+graph*, the form every current runtime receives: each weighted layer reads its weights as
 ``dequantize_per_channel(int8 codes, scales)``, computes in float, and hands its output to
 ``quantize_per_tensor(scale, zero-point)`` followed by ``dequantize_per_tensor``. Nothing is
-re-observed: the codes, scales and zero-points are the engine's. :class:`ExecuTorchNetwork`
-exports that graph with ``torch.export``, lowers it with the XNNPACK partitioner (which replaces
-every ``dequantize -> op -> quantize`` pattern by one int8 kernel) to a ``.pte`` program and runs it
-with ``executorch.runtime``.
+re-observed: the codes, scales and zero-points are the engine's.
+:class:`~qlib.engine.ExecuTorchNetwork` exports that graph with ``torch.export``, lowers it with
+the XNNPACK partitioner (which replaces every ``dequantize -> op -> quantize`` pattern by one int8
+kernel) to a ``.pte`` program and runs it with ``executorch.runtime``.
 
 What had to change on the way:
 
@@ -18,7 +18,7 @@ What had to change on the way:
 * it quantizes a float bias itself, at ``S_in * S_w``: a layer whose int32 bias the engine keeps
   ``2^k`` times finer (``bias_shift``, trained low-bit layers) loses those ``k`` bits;
 * it requantizes in float32 where the engine uses gemmlowp's fixed-point multipliers, so single
-  codes may differ by one unit (:meth:`ExecuTorchNetwork.compare_layers` measures it).
+  codes may differ by one unit (:meth:`~qlib.engine.ExecuTorchNetwork.compare_layers` measures it).
 
 Shift-add layers (:class:`~qlib.engine.IntShiftAdd`) have no counterpart and are refused by name.
 torchao and ExecuTorch are imported on first use (``pip install quantbook-qlib[deploy]``; the book's
@@ -136,10 +136,10 @@ class _QDQGraph(nn.Module):
     operation is compared on the engine's inputs, without compounding.
     """
 
-    def __init__(self, network: IntegerNetwork, layerwise: bool = False):
+    def __init__(self, network: IntegerNetwork, layerwise: bool = False, clamp_narrow_grids: bool = True):
         super().__init__()
         _check_exportable(network)
-        self.network, self.layerwise = network, layerwise
+        self.network, self.layerwise, self.clamp_narrow_grids = network, layerwise, clamp_narrow_grids
         self.specs = {name: int8_spec(spec) for name, spec in network.specs().items()}
         self._buffers_of = {}
         for i, op in enumerate(network.layers()):
@@ -190,8 +190,10 @@ class _QDQGraph(nn.Module):
         lo, hi = lo - op.out.zero_point + spec.zero_point, hi - op.out.zero_point + spec.zero_point  # int8 codes
         if lo <= -128 and hi >= 127:
             return y
-        if lo == spec.zero_point and hi >= 127:
+        if lo == spec.zero_point and (hi >= 127 or not self.clamp_narrow_grids):
             return torch.relu(y)
+        if not self.clamp_narrow_grids:   # only the ReLU: what the graph says without explicit clamps
+            return y
         return F.hardtanh(y, (lo - spec.zero_point) * spec.scale, (hi - spec.zero_point) * spec.scale)
 
     def forward(self, *inputs):
@@ -295,10 +297,18 @@ class ExecuTorchNetwork:
     the two compare code for code. The program has a static ``batch`` (as a deployed one does;
     :meth:`run` slices and pads to it); ``example_codes`` give the input shape. ``program`` is the
     :class:`ExecuTorchProgram` (its ``pte`` the file to deploy).
+
+    ``clamp_narrow_grids=False`` leaves out the explicit clamps that hold a grid narrower than int8
+    (a 4-bit activation, ReLU6); the graph's quantize steps still name the narrow range, and the
+    result shows what XNNPACK makes of that alone (it saturates at the int8 limits).
     """
 
-    def __init__(self, network: IntegerNetwork, example_codes: torch.Tensor, batch: int = 256):
+    def __init__(self, network: IntegerNetwork, example_codes: torch.Tensor, batch: int = 256,
+                 clamp_narrow_grids: bool = True):
         _check_exportable(network)
+        if not isinstance(clamp_narrow_grids, bool):
+            raise TypeError(f"clamp_narrow_grids must be a bool, got {type(clamp_narrow_grids).__name__}")
+        self.clamp_narrow_grids = clamp_narrow_grids
         if not isinstance(example_codes, torch.Tensor) or example_codes.dtype != network.input_spec.dtype:
             raise TypeError(f"example_codes must be a tensor of {network.input_spec.dtype} input codes "
                             "(network.quantize_input)")
@@ -306,7 +316,8 @@ class ExecuTorchNetwork:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         self.network, self.batch = network, batch
         self._example = _padded(example_codes[:batch], batch)
-        self.program = ExecuTorchProgram(_QDQGraph(network), (_dequantized(self._example, network.input_spec),))
+        self.program = ExecuTorchProgram(_QDQGraph(network, clamp_narrow_grids=clamp_narrow_grids),
+                                         (_dequantized(self._example, network.input_spec),))
         self._layerwise = None
 
     def _check_codes(self, q):
@@ -343,8 +354,9 @@ class ExecuTorchNetwork:
             return tuple(_dequantized(env[i], specs[i]) for op in net.ops for i in op.inputs)
 
         if self._layerwise is None:
-            self._layerwise = ExecuTorchProgram(_QDQGraph(net, layerwise=True),
-                                                inputs_of(net.intermediate_codes(self._example)))
+            self._layerwise = ExecuTorchProgram(
+                _QDQGraph(net, layerwise=True, clamp_narrow_grids=self.clamp_narrow_grids),
+                inputs_of(net.intermediate_codes(self._example)))
         codes = {op.name: [] for op in net.ops}
         for part in q.split(self.batch):
             env = net.intermediate_codes(_padded(part, self.batch))
