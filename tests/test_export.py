@@ -254,3 +254,21 @@ def test_without_the_explicit_clamps_xnnpack_overruns_a_4_bit_grid():
     assert overrun > 15       # the quantize step's quant_max alone does not hold the range
     with pytest.raises(TypeError, match="clamp_narrow_grids must be a bool"):
         engine.ExecuTorchNetwork(network, q, clamp_narrow_grids=1)
+
+
+def test_quiet_stack_silences_and_restores():
+    import logging
+    import warnings
+
+    from qlib.engine.export import quiet_stack
+
+    logger = logging.getLogger("torchao")
+    before = logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_stack():
+            assert logger.level == logging.ERROR
+            warnings.warn("inside", DeprecationWarning)
+        warnings.warn("outside", UserWarning)
+    assert [str(w.message) for w in caught] == ["outside"]
+    assert logger.level == before

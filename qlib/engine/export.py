@@ -115,8 +115,8 @@ def _check_exportable(network: IntegerNetwork):
         raise TypeError(f"network must be a qlib.engine.IntegerNetwork, got {type(network).__name__}")
     for op in network.ops:
         if not isinstance(op, EXPORTABLE_OPS):
-            raise ValueError(f"operation {op.name!r} ({type(op).__name__}) cannot be exported to XNNPACK: "
-                             "it has no shift-add kernel; export takes "
+            raise ValueError(f"operation {op.name!r} ({type(op).__name__}) cannot be exported to XNNPACK, "
+                             "which has no shift-add kernel; the export takes "
                              + ", ".join(c.__name__ for c in EXPORTABLE_OPS))
         if isinstance(op, IntLayer) and not op.symmetric:
             raise ValueError(f"layer {op.name!r} has weight zero-points (an asymmetric weight grid); XNNPACK's "
@@ -215,8 +215,9 @@ def qdq_module(network: IntegerNetwork) -> nn.Module:
     """The network as a float PyTorch module of ``dequantize -> op -> quantize`` steps (a QDQ graph)
     holding the engine's int8 weight codes, scales and zero-points (int8 activation grids).
 
-    Input: the dequantized input codes; output: the dequantized output codes. Run eagerly it
-    computes what the integer network computes with exact real multipliers.
+    Input: the dequantized input codes; output: the dequantized output codes. Run eagerly, it
+    computes what the integer network computes with real multipliers instead of fixed-point ones
+    (in float32: :meth:`~qlib.engine.IntegerNetwork.simulate` to within float32 rounding).
     """
     return _QDQGraph(network)
 
