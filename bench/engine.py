@@ -6,8 +6,10 @@ is faster):
 
     python bench/engine.py               # MnistCNN and Mnist1DCNN, batch 256
     python bench/engine.py --batch 64 --gemm-only
+    python bench/engine.py --network-only --operations   # where the fast route's time goes
 
-The int8 contenders: qlib's engine (both backends); qlib's codes on fbgemm (prepacked
+The int8 contenders: qlib's engine (the readable float32 and integer-only backends, and the fast
+route, whose elementwise integer steps are fused loops compiled by numba); qlib's codes on fbgemm (prepacked
 ``torch.ao.nn.quantized`` modules, the deprecated route, kept because it is the one that runs the
 engine's own codes on x86's int8 kernels) and on ExecuTorch's XNNPACK (:mod:`qlib.engine.export`);
 and the flow a PyTorch user runs today, torchao's pt2e post-training quantization with its own
@@ -87,6 +89,7 @@ def contenders(name, batch):
         "float32 PyTorch (folded BN)": no_grad(lambda: folded(x)),
         "qlib engine, float32 kernels": lambda: network.run(q, "float32"),
         "qlib engine, integer only": lambda: network.run(q, "int"),
+        "qlib engine, fused loops (fast)": lambda: network.run(q, "fast"),
         "qlib codes on fbgemm (torch.ao, deprecated)": no_grad(lambda: fbgemm.run(q7)),
         "qlib codes on ExecuTorch XNNPACK": lambda: ours_on_xnnpack(x_codes),
         "torchao pt2e -> ExecuTorch XNNPACK": lambda: torchao_xnnpack(x),
@@ -107,10 +110,11 @@ def network_table(batch, repeats):
     print(f"{'':<{width}} | " + " | ".join(f"{n:>11}" for n in NETWORKS))
     for label in labels:
         print(f"{label:<{width}} | " + " | ".join(f"{ratios[n][label]:>10.2f}x" for n in NETWORKS))
-    print("\nqlib engine (float32 kernels) relative to the same codes on")
-    for label in ("qlib codes on fbgemm (torch.ao, deprecated)", "qlib codes on ExecuTorch XNNPACK"):
-        cells = [ratios[n]["qlib engine, float32 kernels"] / ratios[n][label] for n in NETWORKS]
-        print(f"{label:<{width}} | " + " | ".join(f"{c:>10.2f}x" for c in cells))
+    for engine_label in ("qlib engine, float32 kernels", "qlib engine, fused loops (fast)"):
+        print(f"\n{engine_label} relative to the same codes on")
+        for label in ("qlib codes on fbgemm (torch.ao, deprecated)", "qlib codes on ExecuTorch XNNPACK"):
+            cells = [ratios[n][engine_label] / ratios[n][label] for n in NETWORKS]
+            print(f"{label:<{width}} | " + " | ".join(f"{c:>10.2f}x" for c in cells))
     return ratios
 
 
@@ -140,14 +144,50 @@ def gemm_table(repeats):
               f"{t_float / t_int64:>11.2f}x | {t_float / t_pt:>18.2f}x")
 
 
+def operation_shares(network, q, backend="fast", repeats=15) -> dict:
+    """Each operation's share of one run of ``network`` on codes ``q`` (medians over ``repeats``
+    runs, timed operation by operation on that backend's own inputs), summed by operation name."""
+    env = {network.input_name: q}
+    for op in network.ops:
+        env[op.name] = op.forward(*(env[i] for i in op.inputs), backend=backend)
+    times = {}
+    for op in network.ops:
+        args = [env[i] for i in op.inputs]
+        times[op.name] = seconds(lambda: op.forward(*args, backend=backend), repeats)
+    total = sum(times.values())
+    return {name: t / total for name, t in times.items()}
+
+
+def operation_table(network, q, repeats=15) -> list[dict]:
+    """One row per operation of the fast route: kind, groups, how its sums run, share of a run (%)."""
+    shares = operation_shares(network, q, "fast", repeats)
+    rows = []
+    for op in network.ops:
+        layer = isinstance(op, engine.IntLayer)
+        rows.append({"operation": op.name, "kind": op.kind if layer else type(op).__name__,
+                     "groups": getattr(op, "groups", 1) if layer else "",
+                     "sums": op.fast_route if layer else "", "share of the run (%)": 100 * shares[op.name]})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--gemm-only", action="store_true", help="only the GEMM table")
     parser.add_argument("--network-only", action="store_true", help="only the whole-network table")
+    parser.add_argument("--operations", action="store_true",
+                        help="also each operation's share of the fast route's run, per network")
     args = parser.parse_args()
     ratios = None if args.gemm_only else network_table(args.batch, args.repeats)
+    if args.operations:
+        for name in NETWORKS:
+            model, _ = pretrained(name, 0, progress=False)
+            dataset = data.load(RECIPES[name].data)
+            network = engine.convert(model.eval(), dataset.calibration_batches(500))
+            print(f"\n{name}: share of one fast run, operation by operation")
+            for row in operation_table(network, network.quantize_input(dataset.x_test[:args.batch]), args.repeats):
+                print(f"{row['operation']:>22} {row['kind']:>11} {row['sums']:>16} {row['share of the run (%)']:6.1f} %")
     if not args.network_only:
         gemm_table(args.repeats)
     return ratios

@@ -38,7 +38,13 @@ def converted(request):
 def test_backends_give_identical_codes(converted):
     _, network, x = converted
     q = network.quantize_input(x)
-    assert torch.equal(network.run(q, "float32"), network.run(q, "int"))
+    codes = network.run(q, "float32")
+    assert torch.equal(codes, network.run(q, "int"))
+    assert torch.equal(codes, network.run(q, "fast"))
+    reference, fast = network.intermediate_codes(q), {network.input_name: q}
+    for op in network.ops:                 # every operation, not only the output
+        fast[op.name] = op.forward(*(fast[i] for i in op.inputs), backend="fast")
+        assert torch.equal(fast[op.name], reference[op.name]), op.name
 
 
 def test_integer_backend_computes_with_integer_tensors_only(converted):
@@ -67,6 +73,7 @@ def test_shift_add_layer_accumulates_what_the_multiplier_layer_does():
     x = torch.randint(0, 256, (3, 8, 7, 6), generator=g).to(torch.uint8)
     assert torch.equal(shift.weights.accumulate(x.to(torch.int64) - 17), multiply.accumulate(x).to(torch.int64))
     assert torch.equal(shift.forward(x), multiply.forward(x))
+    assert torch.equal(shift.forward(x, backend="fast"), multiply.forward(x, backend="fast"))
     with engine.DtypeRecorder() as recorder:
         shift.forward(x)
     assert not recorder.floating()
@@ -120,6 +127,7 @@ def test_int8_activations():
     assert q.dtype == torch.int8
     out = network.run(q)
     assert out.dtype == torch.int8 and torch.equal(out, network.run(q, "int"))
+    assert torch.equal(out, network.run(q, "fast"))
 
 
 def test_relu6_and_maxpool():
@@ -128,6 +136,7 @@ def test_relu6_and_maxpool():
     x = torch.randn(8, 1, 6, 6, generator=g) * 3
     network = engine.convert(model, [x])
     codes = network.run(network.quantize_input(x))
+    assert torch.equal(network.run(network.quantize_input(x), "fast"), codes)
     reference = network.output_spec.quantize(network.simulate(x))
     assert (codes.int() - reference.int()).abs().max() <= 1
     conv = network.layers()[0]

@@ -59,7 +59,10 @@ def reference_codes(model, points, calibration, x, signed=False, per_channel=Tru
 
 def engine_codes(model, calibration, x, **kwargs):
     network = engine.convert(model, calibration, **kwargs)
-    return network.run(network.quantize_input(x)).to(torch.int32), network
+    q = network.quantize_input(x)
+    codes = network.run(q)
+    assert torch.equal(network.run(q, "fast"), codes)    # the fused loops change nothing
+    return codes.to(torch.int32), network
 
 
 class ConvBnRelu(nn.Module):
@@ -218,6 +221,8 @@ def test_engine_matches_the_quantization_aware_model(case):
     diff = (codes - fake_codes).abs()
     assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) >= 0.99, (int(diff.max()), diff.float().mean())
     assert float((network(x).argmax(1) == fake.argmax(1)).float().mean()) >= 0.95
+    q = network.quantize_input(x)
+    assert torch.equal(network.run(q, "fast"), network.run(q))
     if "apot" in case:
         assert isinstance(hidden, engine.IntShiftAdd)
     if "asymmetric" in case or "jacob" in case:

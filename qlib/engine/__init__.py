@@ -21,15 +21,19 @@ Supported layers: ``Conv1d``, ``Conv2d`` (any groups, so depthwise too), ``Linea
 ``torch.flatten``, residual ``+``, ``Identity`` and ``Dropout``. Anything else is refused at
 convert time with the layer's name and type.
 
-Two backends compute the convolutions and matrix products exactly: ``"float32"`` runs PyTorch's
-float kernels on integer values small enough that every partial sum is below 2^24 (split along
-the input channels when needed), ``"int"`` uses integer tensors only (an integer im2col and
-``torch._int_mm``). Tests prove that both give identical codes.
+Three backends compute the same codes (the tests check it bit for bit): ``"float32"`` (the
+default, the route the book teaches) runs PyTorch's float kernels on integer values small enough
+that every partial sum is below 2^24 (split along the input channels when needed) and requantizes
+with readable tensor operations; ``"int"`` uses integer tensors only (an integer im2col and
+``torch._int_mm``); ``"fast"`` fuses every elementwise integer step into one compiled loop
+(:mod:`qlib.engine.fused`), keeps feature maps channels-last, and sums with ``torch._int_mm`` on
+int8 codes where no window has to be copied (linear, 1-d and 1x1 convolutions; elsewhere float32).
 
 The package: :mod:`qlib.engine.ops` (the integer operations), :mod:`qlib.engine.network` (the
 interpreter), :mod:`qlib.engine.convert` (the converter), :mod:`qlib.engine.pytorch` (the same
 network on PyTorch's quantized engine, for comparison), :mod:`qlib.engine.export` (the same codes as an
-ExecuTorch program on XNNPACK, and torchao's own post-training flow as the peer).
+ExecuTorch program on XNNPACK, and torchao's own post-training flow as the peer), :mod:`qlib.engine.fused`
+(the fast route's loops).
 """
 
 from .convert import ACTIVATION_DTYPES, convert

@@ -10,9 +10,12 @@ from .ops import ActSpec, IntLayer, IntOp, IntShiftAdd
 
 __all__ = ["IntegerNetwork", "DtypeRecorder", "ENGINE_BACKENDS"]
 
-#: How the engine computes a convolution's integer sums: float32 kernels on integer values (exact,
-#: fast) or integer tensors only (an integer im2col and ``torch._int_mm``). Both give identical codes.
-ENGINE_BACKENDS = ("float32", "int")
+#: How the engine computes: ``"float32"``, a convolution's integer sums by float32 kernels on integer
+#: values (exact) and the rest by readable tensor operations (the route the book teaches);
+#: ``"int"``, integer tensors only (an integer im2col and ``torch._int_mm``); ``"fast"``, the float32
+#: sums with every elementwise integer step (centring, requantization, residual add) fused into one
+#: compiled loop (:mod:`qlib.engine.fused`). All three give identical codes.
+ENGINE_BACKENDS = ("float32", "int", "fast")
 
 
 class IntegerNetwork:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..fixedpoint import INT32_MAX, FixedPointMultiplier
 from ..gemm import FLOAT32_EXACT, im2col, quantized_matmul, unfold_windows
 from ..shiftadd import ShiftAddWeights
+from . import fused
 
 __all__ = ["ActSpec", "clamp_bounds", "IntOp", "IntLayer", "IntShiftAdd", "IntAdd", "IntAvgPool", "IntMaxPool",
            "IntClamp", "IntRequantize", "IntFlatten", "average_codes"]
@@ -123,6 +124,13 @@ class _Requantizing(IntOp):
         scaled = self.requant.apply_unchecked(acc + self.bias.reshape(shape))
         return (scaled + self.out.zero_point).clamp(self.lo, self.hi).to(self.out.dtype)
 
+    def _requantize_fast(self, acc: torch.Tensor) -> torch.Tensor:
+        """:meth:`_requantize` in one compiled pass (:mod:`qlib.engine.fused`); the same codes."""
+        if getattr(self, "_fused", None) is None:
+            self._fused = fused.FusedRequantizer(self.requant, self.bias, self.bias_shift, self.out.zero_point,
+                                                 self.lo, self.hi, self.out.dtype)
+        return self._fused(acc)
+
 
 class IntLayer(_Requantizing):
     """Conv1d/Conv2d/Linear with int8 weight codes (and weight zero-points), an int32 bias, fixed-point
@@ -218,7 +226,91 @@ class IntLayer(_Requantizing):
         acc = torch.cat(outs, dim=1).reshape(n, -1, self.weight.shape[0])   # (N, L, C_out)
         return acc.transpose(1, 2).reshape(n, -1, *spatial).contiguous()
 
+    # -- the fast route ---------------------------------------------------------------
+    @property
+    def fast_route(self) -> str:
+        """How ``backend="fast"`` sums this layer: ``"int8 GEMM"`` (``torch._int_mm`` on the codes,
+        for symmetric weights in linear, 1-d and 1x1 layers without groups) or ``"float32 kernels"``."""
+        return "int8 GEMM" if self._int8_plan() is not None else "float32 kernels"
+
+    def _fast_forward(self, x):
+        plan = self._int8_plan()
+        if plan is not None:
+            weight, requantize = plan
+            return requantize(self._int8_accumulator(x, weight))
+        return self._requantize_fast(self._fast_accumulator(x))
+
+    def _int8_plan(self):
+        """For a layer with symmetric weights and no groups: the ``(K, C_out)`` int8 weight matrix for
+        ``torch._int_mm`` and an epilogue with the input zero-point folded into the bias; else ``None``.
+
+        The GEMM takes int8 on both sides, so uint8 codes are moved down by 128 (a flip of the top
+        bit): ``q - Z_x = (q - 128) + (128 - Z_x)``, and the constant part of every output is
+        ``(128 - Z_x) * sum(w)``, added to the bias once (at the accumulator's scale ``2^k``).
+        """
+        if getattr(self, "_plan", False) is not False:
+            return self._plan
+        self._plan = None
+        k = int(np.prod(self.weight.shape[1:]))
+        simple = self.kind == "linear" or (self.groups == 1 and _all_equal(self.dilation, 1))
+        # A 2-d window larger than 1x1 is left to the float32 kernels, which need no copied windows
+        # (measured on MnistCNN's stem: the copy cost more than the int8 GEMM saved)
+        windows_2d = self.kind == "conv2d" and any(n != 1 for n in self.weight.shape[2:])
+        if not (self.symmetric and simple and not windows_2d and k * 128 * 128 <= INT32_MAX):
+            return None
+        offset = 128 - self.inp.zero_point if self.inp.dtype == torch.uint8 else -self.inp.zero_point
+        column_sums = self.centred_weight.to(torch.int64).reshape(len(self.bias), -1).sum(1)
+        bias = self.bias.to(torch.int64) + ((offset * column_sums) << self.bias_shift)
+        weight = self.centred_weight.to(torch.int8).reshape(len(self.bias), -1).t().contiguous()
+        requantize = fused.FusedRequantizer(self.requant, bias, self.bias_shift, self.out.zero_point, self.lo,
+                                            self.hi, self.out.dtype)
+        self._plan = (weight, requantize)
+        return self._plan
+
+    def _int8_accumulator(self, x, weight):
+        """``sum (q_x - 128) w`` (uint8 codes; ``sum q_x w`` for int8) by ``torch._int_mm``, channels-last.
+
+        The codes go channels-last, padded with the zero-point code, and are unfolded into one row
+        per output position (no copy for a 1x1 convolution): the GEMM's ``(rows, C_out)`` int32
+        result is the channels-last memory of the ``(N, C_out, *spatial)`` accumulator.
+        """
+        codes = x.movedim(1, -1)
+        codes = (codes if codes.is_contiguous() else codes.contiguous()).view(torch.int8)
+        if self.inp.dtype == torch.uint8:
+            codes = codes ^ -128
+        if self.kind == "linear":
+            return torch._int_mm(codes, weight)
+        kernel, dims = self.weight.shape[2:], x.ndim - 2
+        per_dim = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims  # noqa: E731
+        padding, stride = per_dim(self.padding), per_dim(self.stride)
+        if any(padding):
+            pad_code = self.inp.zero_point - (128 if self.inp.dtype == torch.uint8 else 0)
+            codes = F.pad(codes, [0, 0] + [p for p in reversed(padding) for _ in range(2)], value=pad_code)
+        for d in range(dims):
+            codes = codes.unfold(1 + d, kernel[d], stride[d])
+        spatial = codes.shape[1:1 + dims]
+        sums = torch._int_mm(codes.reshape(-1, weight.shape[0]), weight)
+        return sums.view(x.shape[0], *spatial, -1).movedim(-1, 1)
+
+    def _fast_accumulator(self, x):
+        # The float32 route without its two extra passes: the centring is one compiled loop and
+        # the float32 sums go to the epilogue as they are (exact integers; the epilogue converts).
+        per_input = 255 * self._widest * (1 if self.kind == "linear" else int(np.prod(self.weight.shape[2:])))
+        if self.weight.shape[1] > (FLOAT32_EXACT - 1) // per_input:
+            return self.accumulate(x, "float32")   # split along the inputs: int32 partial sums
+        centred = fused.centre(x, self.inp.zero_point)
+        if self.kind == "linear":
+            return centred @ self.weight_f32.t()
+        if self.kind == "conv1d":
+            return F.conv1d(centred, self.weight_f32, **self._conv_kwargs())
+        # channels-last in and out: the layout of the fused epilogue's codes
+        if getattr(self, "_weight_channels_last", None) is None:
+            self._weight_channels_last = _channels_last(self.weight_f32)
+        return F.conv2d(_channels_last(centred), self._weight_channels_last, **self._conv_kwargs())
+
     def forward(self, x, backend="float32"):
+        if backend == "fast":
+            return self._fast_forward(x)
         return self._requantize(self.accumulate(x, backend))
 
     # -- the same layer in exact real arithmetic (the fake-quant reference) ------------------
@@ -268,7 +360,8 @@ class IntShiftAdd(_Requantizing):
                                        shape)
 
     def forward(self, x, backend="float32"):
-        return self._requantize(self.weights.accumulate(x.to(torch.int64) - self.inp.zero_point))
+        acc = self.weights.accumulate(x.to(torch.int64) - self.inp.zero_point)
+        return self._requantize_fast(acc) if backend == "fast" else self._requantize(acc)
 
     def simulate(self, x):
         w = self.weight_codes.double() * self.w_scale.reshape(-1, *[1] * (self.weight_codes.ndim - 1))
@@ -299,6 +392,9 @@ class IntAdd(IntOp):
         self.lo, self.hi = clamp_bounds(out, activation)
 
     def forward(self, qa, qb, backend="float32"):
+        if backend == "fast":
+            return fused.add(qa, qb, self.a.zero_point, self.b.zero_point, self.LEFT_SHIFT, self.ma, self.mb, self.mo,
+                             self.out.zero_point, self.lo, self.hi, self.out.dtype)
         xa = (qa.to(torch.int64) - self.a.zero_point) << self.LEFT_SHIFT  # |x| < 2^29: int32 range
         xb = (qb.to(torch.int64) - self.b.zero_point) << self.LEFT_SHIFT
         total = self.ma.apply_unchecked(xa) + self.mb.apply_unchecked(xb)  # each <= 2^28: no overflow
@@ -373,6 +469,16 @@ class IntMaxPool(IntOp):
         return self.module(x)
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A 4-d tensor in channels-last memory. With one channel both layouts are the same memory,
+    and PyTorch keeps the ``(N, C, H, W)`` strides, so its convolution would answer in that layout:
+    the view with channels-last strides says which one is meant."""
+    if t.shape[1] == 1 and t.is_contiguous():
+        n, _, h, w = t.shape
+        return t.as_strided(t.shape, (h * w, 1, w, 1))
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _all_equal(value, expected) -> bool:
     """Whether an int-or-tuple pooling argument is ``expected`` in every dimension."""
     return all(v == expected for v in (value if isinstance(value, (tuple, list)) else (value,)))
@@ -404,6 +510,11 @@ class IntRequantize(IntOp):
         self.requant = FixedPointMultiplier.from_reals(inp.scale / out.scale)
 
     def forward(self, x, backend="float32"):
+        if backend == "fast":
+            if getattr(self, "_fused", None) is None:
+                self._fused = fused.FusedRequantizer(self.requant, [-self.inp.zero_point], 0, self.out.zero_point,
+                                                     self.out.qmin, self.out.qmax, self.out.dtype)
+            return self._fused(x)
         scaled = self.requant.apply_unchecked(x.to(torch.int64) - self.inp.zero_point)
         return (scaled + self.out.zero_point).clamp(self.out.qmin, self.out.qmax).to(self.out.dtype)
 
