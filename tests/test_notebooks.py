@@ -40,6 +40,20 @@ def test_chapter_outline(path):
     assert "## Summary" in markdown
 
 
+#: The widest code line the book's page shows without clipping (its content column, in Chromium at
+#: 1280 px, cuts code cells after 77 characters); the project's hard limit is 88.
+PAGE_COLUMNS = 76
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_fits_the_page(path):
+    nb = json.loads(path.read_text())
+    wide = [(i, line) for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "code"
+            for line in "".join(cell["source"]).splitlines() if len(line) > PAGE_COLUMNS]
+    assert not wide, f"{path.name}: {len(wide)} code lines wider than {PAGE_COLUMNS} columns, first in cell " \
+                     f"{wide[0][0]}: {wide[0][1]!r}"
+
+
 def _glue_keys_missing(nb: dict) -> list[str]:
     """Glue keys the prose uses that no ``publish(...)`` call of the notebook's code names."""
     md = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
