@@ -119,6 +119,11 @@ def test_page(browser, site, built_book, doc):
             .filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.src)""")
         assert not broken, f"images that did not load: {broken}"
 
+        # The page names its icon, and the icon is served (no request for a missing /favicon.ico).
+        icon = page.evaluate("() => document.querySelector('link[rel~=icon]')?.href")
+        assert icon, "the page declares no favicon"
+        assert page.request.get(icon).status == 200, f"favicon {icon} does not load"
+
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"{doc.replace('/', '_')}.png"), full_page=True)
         assert not problems, "\n".join(problems)
