@@ -146,7 +146,7 @@ def gemm_table(repeats):
 
 def operation_shares(network, q, backend="fast", repeats=15) -> dict:
     """Each operation's share of one run of ``network`` on codes ``q`` (medians over ``repeats``
-    runs, timed operation by operation on that backend's own inputs), summed by operation name."""
+    runs, timed operation by operation on that backend's own inputs), keyed by operation name."""
     env = {network.input_name: q}
     for op in network.ops:
         env[op.name] = op.forward(*(env[i] for i in op.inputs), backend=backend)

@@ -35,7 +35,7 @@ import torch
 
 from .._cache import cache_dir
 
-__all__ = ["requantize", "centre", "add", "FusedRequantizer", "compile_all"]
+__all__ = ["requantize", "centre", "add", "FusedRequantizer"]
 
 _kernels = None
 _lock = threading.Lock()
@@ -213,15 +213,3 @@ def add(qa: torch.Tensor, qb: torch.Tensor, za: int, zb: int, left_shift: int, m
                     int(hi), _flat(out))
     return out
 
-
-def compile_all() -> None:
-    """Compile (or load from the disk cache) every loop for the dtypes the engine uses."""
-    from ..fixedpoint import FixedPointMultiplier
-
-    one = FixedPointMultiplier.from_reals(0.5)
-    for dtype in (torch.uint8, torch.int8):
-        for acc_dtype in (torch.float32, torch.int32, torch.int64, torch.uint8, torch.int8):
-            requantize(torch.zeros(1, 1, 1, dtype=acc_dtype), one, dtype=dtype)
-        centre(torch.zeros(1, dtype=dtype), 0)
-        for other in (torch.uint8, torch.int8):
-            add(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=other), 0, 0, 20, one, one, one, 0, 0, 1, dtype)
